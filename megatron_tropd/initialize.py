@@ -1,0 +1,107 @@
+"""Process start-up: torch.distributed from torchrun's environment, megatron-core model-parallel
+groups (TP, PP, DP) and per-rank seeds.
+
+nccl when CUDA is present, gloo otherwise (then the CPU compatibility layer is switched on).
+"""
+
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot work (world size not divisible, ...): one-line message."""
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+):
+    """Initialise torch.distributed (from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, as torchrun sets
+    them), megatron-core's parallel groups and the RNG seeds. Safe to call twice.
+
+    Data parallel size is `world_size / (tp * pp)`.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_tropd import cpu_compat
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_compat.enable()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel != 0:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by tensor-model-parallel size "
+            f"{tensor_model_parallel_size} x pipeline-model-parallel size "
+            f"{pipeline_model_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() != tensor_model_parallel_size
+            or parallel_state.get_pipeline_model_parallel_world_size()
+            != pipeline_model_parallel_size
+        ):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        )
+    set_seed(seed)
+
+
+def set_seed(seed: int):
+    """Seed python, numpy and torch, and megatron's model-parallel RNG tracker.
+
+    As in Megatron-LM, each pipeline stage gets its own seed (`seed + 100 * pp_rank`), tensor-parallel
+    ranks get their own streams inside megatron's tracker, and data-parallel replicas share seeds
+    (so they initialise identical weights).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def destroy():
+    """Tear down megatron's groups and the process group (tests call this between runs)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print_rank_0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def print_rank_last(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(*args, **kwargs, flush=True)

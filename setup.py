@@ -1,0 +1,32 @@
+"""megatron-tropd: Trust Region On-Policy Distillation on megatron-core.
+
+On a CPU host install torch first (`pip install torch==2.13.0`, a CPU wheel) so that the `torch`
+requirement below is already met and pip never pulls a CUDA build; `scripts/setup_env.sh` does this.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-tropd",
+    version="0.1.0",
+    description="Trust Region On-Policy Distillation (TrOPD) and its baselines on megatron-core",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_tropd", "megatron_tropd.*"]),
+    install_requires=[
+        "megatron-core>=0.16.1",
+        "torch>=2.4",
+        "sentencepiece",
+        "tensorboard",
+        "transformers",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        "psutil",
+    ],
+    extras_require={
+        "dev": ["pytest"],
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
