@@ -75,7 +75,8 @@ def unshard(model, local_name: str, param, local: torch.Tensor, vocab_size: int)
 
 
 def global_state_dict(model, vocab_size: int, grads: bool = False) -> dict:
-    """This pipeline stage's parameters (or their gradients) under global names, gathered over TP.
+    """This pipeline stage's parameters (or their gradients: megatron DDP's `main_grad` when the
+    model is wrapped, else `.grad`) under global names, gathered over TP.
 
     Tied embeddings: the last stage's copy of the embedding (`output_layer.weight` when
     `share_embeddings_and_output_weights` at PP>1) is left out, as in the global dict.
@@ -84,7 +85,7 @@ def global_state_dict(model, vocab_size: int, grads: bool = False) -> dict:
     for name, param in model.named_parameters():
         if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
             continue
-        tensor = param.grad if grads else param.data
+        tensor = getattr(param, "main_grad", param.grad) if grads else param.data
         if tensor is None:
             tensor = torch.zeros_like(param)
         out[to_global_name(model, name)] = unshard(model, name, param, tensor, vocab_size).clone()

@@ -19,8 +19,9 @@ import math
 import torch
 import torch.distributed as dist
 
-# Rows processed at once inside the fused reductions: bounds their temporary memory.
-ROW_CHUNK = 256
+# Elements processed at once inside the fused reductions (4 MiB per fp32 temporary): bounds their
+# temporary memory whatever the vocabulary and batch sizes.
+CHUNK_ELEMENTS = 2**20
 
 
 # --- shard layout and communication ---------------------------------------------------------------
@@ -62,9 +63,10 @@ def _all_gather(tensor, group):
     return torch.stack(out)
 
 
-def _row_chunks(n_rows: int):
-    for start in range(0, n_rows, ROW_CHUNK):
-        yield slice(start, min(start + ROW_CHUNK, n_rows))
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
 
 
 def _row_reduce(x, op: str, empty_value: float):
@@ -86,17 +88,17 @@ def _log_normalizer(z, group):
         m = _row_reduce(z, "amax", -math.inf).float()
         _all_reduce(m, dist.ReduceOp.MAX, group)
         s = torch.zeros_like(m)
-        for rows in _row_chunks(z.shape[0]):
+        for rows in _row_chunks(*z.shape):
             s[rows] = (z[rows].float() - m[rows, None]).exp().sum(dim=1)
         _all_reduce(s, dist.ReduceOp.SUM, group)
         return m + s.log()
 
 
-def _full_grad(logits, rows_grad, n_valid):
-    """Gradient for the whole (padded) shard from the gradient of its real columns."""
-    grad = logits.new_zeros(logits.shape).reshape(-1, logits.shape[-1])
-    grad[:, :n_valid] = rows_grad
-    return grad.view(logits.shape)
+def _grad_buffer(logits, n_valid):
+    """A zero gradient for the whole (padded) shard, and the `[N, n_valid]` view of its real
+    columns that backward fills in place (padded columns keep a zero gradient)."""
+    grad = logits.new_zeros(logits.shape)
+    return grad, grad.view(-1, logits.shape[-1])[:, :n_valid]
 
 
 # --- log-softmax --------------------------------------------------------------------------------
@@ -120,7 +122,9 @@ class _LogSoftmax(torch.autograd.Function):
         g = grad_out.reshape(-1, out.shape[-1])[:, :n_valid]
         logp = out.view(-1, out.shape[-1])[:, :n_valid]
         g_sum = _all_reduce(g.sum(dim=1), dist.ReduceOp.SUM, ctx.group)
-        return _full_grad(out, g - logp.exp() * g_sum[:, None], n_valid), None, None
+        grad, rows_grad = _grad_buffer(out, n_valid)
+        rows_grad.copy_(g - logp.exp() * g_sum[:, None])
+        return grad, None, None
 
 
 def log_softmax(logits, vocab_size: int, group=None):
@@ -162,14 +166,14 @@ class _LogProbsAtIds(torch.autograd.Function):
         z = logits.reshape(-1, logits.shape[-1])[:, : ctx.n_valid]
         g = grad_out.reshape(local.shape).float()
         g_sum = g.sum(dim=1)
-        rows_grad = torch.empty(z.shape, dtype=logits.dtype, device=logits.device)
-        for rows in _row_chunks(z.shape[0]):
+        grad, rows_grad = _grad_buffer(logits, ctx.n_valid)
+        for rows in _row_chunks(*z.shape):
             p = (z[rows].float() - log_z[rows, None]).exp()
             rows_grad[rows] = (-p * g_sum[rows, None]).to(logits.dtype)
         if ctx.n_valid > 0:
             # d log p_i / d z_j = 1[i=j] - p_j: add g back at the ids held by this shard.
             rows_grad.scatter_add_(1, local, torch.where(here, g, 0.0).to(logits.dtype))
-        return _full_grad(logits, rows_grad, ctx.n_valid), None, None, None
+        return grad, None, None, None
 
 
 def log_probs_at(logits, ids, vocab_size: int, group=None):
@@ -243,27 +247,21 @@ class _VocabReduction(torch.autograd.Function):
         zq = None if q_logits is None else q_logits.reshape(-1, q_logits.shape[-1])[:, :n_valid]
         need_p, need_q = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         g = grad_out.reshape(-1).float()
-        grad_p = torch.empty(zp.shape, dtype=p_logits.dtype, device=p_logits.device) if need_p else None
-        grad_q = torch.empty(zq.shape, dtype=q_logits.dtype, device=q_logits.device) if need_q else None
+        grad_p, rows_p = _grad_buffer(p_logits, n_valid) if need_p else (None, None)
+        grad_q, rows_q = _grad_buffer(q_logits, n_valid) if need_q else (None, None)
         for rows, lp, lq, p, q in _chunked_log_probs(zp, zq, log_zp, log_zq):
             _, a_p, a_q = ctx.terms(lp, lq, p, q)
             gr = g[rows, None]
             if need_p:
-                grad_p[rows] = (gr * (a_p - p * sum_a_p[rows, None])).to(grad_p.dtype)
+                rows_p[rows] = gr * (a_p - p * sum_a_p[rows, None])
             if need_q:
-                grad_q[rows] = (gr * (a_q - q * sum_a_q[rows, None])).to(grad_q.dtype)
-        return (
-            None,
-            _full_grad(p_logits, grad_p, n_valid) if need_p else None,
-            _full_grad(q_logits, grad_q, n_valid) if need_q else None,
-            None,
-            None,
-        )
+                rows_q[rows] = gr * (a_q - q * sum_a_q[rows, None])
+        return None, grad_p, grad_q, None, None
 
 
 def _chunked_log_probs(zp, zq, log_zp, log_zq):
     """Per chunk of rows: (rows, log p, log q, p, q) in fp32 (q parts None without zq)."""
-    for rows in _row_chunks(zp.shape[0]):
+    for rows in _row_chunks(*zp.shape):
         lp = zp[rows].float() - log_zp[rows, None]
         lq = None if zq is None else zq[rows].float() - log_zq[rows, None]
         yield rows, lp, lq, lp.exp(), None if lq is None else lq.exp()

@@ -1,0 +1,187 @@
+"""Tiny GPTModels at TP=2, PP=2 and TP2xPP2 give the same logits and gradients as TP=1 PP=1 with
+identical weights; the builder's layout errors are one-line messages."""
+
+import pytest
+import torch
+
+from megatron_tropd.models.arch import ArchitectureError, ModelArch
+from megatron_tropd.models.builder import check_parallel_layout, check_student_teacher
+from megatron_tropd.testing import run_distributed
+
+VOCAB = 500  # padded to 512 at TP=1, 2 and 4, so padded shapes agree across layouts
+BATCH, SEQ = 2, 12
+ARCHS = {
+    "llama_gqa": ModelArch(family="llama", vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96,
+                           num_layers=4, num_attention_heads=4, num_query_groups=2),
+    "qwen2_tied_bias": ModelArch(family="qwen2", vocab_size=VOCAB, hidden_size=64,
+                                 ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
+                                 num_query_groups=2, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen3_qknorm_mha": ModelArch(family="qwen3", vocab_size=VOCAB, hidden_size=64,
+                                  ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
+                                  head_dim=32),
+}
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (tp, pp)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    weights = torch.randn(BATCH, SEQ, VOCAB, generator=g)  # loss = Σ logits * weights
+    return tokens, weights
+
+
+def _perturb_norms(model):
+    """Norm weights away from 1 and biases away from 0, so a wrong mapping of them shows."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _forward_backward(arch_name, state_dict):
+    """Build at the current layout (loading `state_dict` if given), run one forward/backward
+    through megatron's schedule with DDP and `finalize_model_grads`, as training does; return
+    global logits, gradients and the weights used."""
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_tropd.models import sharding
+    from megatron_tropd.models.builder import build_model
+
+    arch = ARCHS[arch_name]
+    model = build_model(arch)
+    if state_dict is None:
+        _perturb_norms(model)
+    else:
+        sharding.load_global_state_dict(model, state_dict)
+    weights_used = sharding.global_state_dict(model, VOCAB)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    tokens, weights = _inputs()
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    captured = {}
+
+    def loss_func(output):
+        full = gather_from_tensor_model_parallel_region(output)[..., :VOCAB]
+        captured["logits"] = full.detach().clone()
+        return (full * weights).sum(), {}
+
+    def forward_step(data_iterator, model):
+        return model(next(data_iterator), positions, None), loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([tokens]), model=[ddp],
+        num_microbatches=1, seq_length=SEQ, micro_batch_size=BATCH, forward_only=False,
+    )
+    return dict(logits=captured.get("logits"), weights=weights_used,
+                grads=sharding.global_state_dict(model, VOCAB, grads=True))
+
+
+def _merged_grads(rank_results):
+    """Every pipeline stage's gradients in one dict."""
+    grads = {}
+    for result in rank_results:
+        grads.update(result["grads"])
+    return grads
+
+
+def _assert_close(got, expected, name, rel=1e-5):
+    """Max abs difference within `rel` of the reference's largest magnitude (fp32 sums in another
+    order differ at that level, elementwise relative tolerance is meaningless near zero)."""
+    scale = expected.abs().max().item()
+    assert scale > 0, f"{name}: reference is zero"
+    diff = (got - expected).abs().max().item()
+    assert diff <= rel * scale, f"{name}: max |diff| {diff:.3g} > {rel} x {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """TP=1 PP=1 runs of every architecture in one process: weights, logits, gradients."""
+    return run_distributed(_reference_all, world_size=1)[0]
+
+
+def _reference_all():
+    return {name: _forward_backward(name, None) for name in ARCHS}
+
+
+def _layout_all(reference):
+    return {name: _forward_backward(name, reference[name]["weights"]) for name in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def layouts(reference):
+    return {
+        (tp, pp): run_distributed(_layout_all, world_size=tp * pp, tp=tp, pp=pp, args=(reference,))
+        for tp, pp in LAYOUTS
+    }
+
+
+@pytest.mark.parametrize("arch_name", list(ARCHS))
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_layout_matches_single_process(reference, layouts, arch_name, tp, pp):
+    ranks = [r[arch_name] for r in layouts[(tp, pp)]]
+    ref = reference[arch_name]
+    logits = [r["logits"] for r in ranks if r["logits"] is not None]
+    assert len(logits) == tp  # every TP rank of the last stage holds the gathered logits
+    for got in logits:
+        _assert_close(got, ref["logits"], "logits")
+    grads = _merged_grads(ranks)
+    assert set(grads) == set(ref["grads"])
+    for name, expected in ref["grads"].items():
+        _assert_close(grads[name], expected, name)
+
+
+# --- one-line errors ---------------------------------------------------------------------------
+
+BASE = dict(family="llama", vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_layers=4,
+            num_attention_heads=4, num_query_groups=2)
+
+
+@pytest.mark.parametrize("fields,tp,pp,message", [
+    (dict(num_attention_heads=6, num_query_groups=6, hidden_size=96), 4, 1,
+     "student: attention heads (6) are not divisible by tensor-model-parallel size 4"),
+    (BASE, 4, 1, "student: key/value heads (2) are not divisible by tensor-model-parallel size 4"),
+    (BASE, 1, 3, "student: layers (4) are not divisible by pipeline-model-parallel size 3"),
+])
+def test_layout_errors(fields, tp, pp, message):
+    arch = ModelArch(**{**BASE, **fields})
+    with pytest.raises(ArchitectureError) as e:
+        check_parallel_layout(arch, tp, pp, "student")
+    assert str(e.value) == message
+
+
+def test_vocabulary_mismatch_error():
+    with pytest.raises(ArchitectureError, match=r"^student and teacher vocabularies differ "
+                                                r"\(500 vs 512 rows\)"):
+        check_student_teacher(ModelArch(**BASE), ModelArch(**{**BASE, "vocab_size": 512}))
+
+
+def test_unknown_architecture_error():
+    with pytest.raises(ArchitectureError) as e:
+        ModelArch.from_hf_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    assert str(e.value) == "unknown architecture 'gpt2': supported are llama, mistral, qwen2, qwen3"
+
+
+def test_hf_config_fields():
+    """The HF config fields land where megatron needs them (hand-written expectations)."""
+    arch = ModelArch.from_hf_config({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "max_position_embeddings": 32768,
+    })
+    assert (arch.family, arch.head_dim, arch.num_query_groups, arch.add_qkv_bias,
+            arch.qk_layernorm, arch.tie_word_embeddings, arch.rope_theta) == \
+        ("qwen2", 64, 2, True, False, True, 1e6)
+    llama3 = ModelArch.from_hf_config({
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    })
+    assert llama3.rope_scaling_factor == 32.0 and llama3.rms_norm_eps == 1e-5
+    assert ModelArch.from_hf_config(llama3.to_hf_config()) == llama3
