@@ -104,7 +104,11 @@ def reference():
 
 
 def _reference_all():
-    return {name: _forward_backward(name, None) for name in ARCHS}
+    from megatron_tropd.models.builder import build_model
+
+    teacher = build_model(ARCHS["llama_gqa"], role="teacher")
+    frozen = not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    return {"teacher_frozen": frozen, **{name: _forward_backward(name, None) for name in ARCHS}}
 
 
 def _layout_all(reference):
@@ -134,6 +138,10 @@ def test_layout_matches_single_process(reference, layouts, arch_name, tp, pp):
         _assert_close(grads[name], expected, name)
 
 
+def test_teacher_is_built_frozen(reference):
+    assert reference["teacher_frozen"]
+
+
 # --- one-line errors ---------------------------------------------------------------------------
 
 BASE = dict(family="llama", vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_layers=4,
@@ -151,6 +159,19 @@ def test_layout_errors(fields, tp, pp, message):
     with pytest.raises(ArchitectureError) as e:
         check_parallel_layout(arch, tp, pp, "student")
     assert str(e.value) == message
+
+
+def test_transformer_engine_spec_without_te_error():
+    from megatron_tropd.models.builder import layer_spec
+
+    try:
+        import transformer_engine  # noqa: F401
+        pytest.skip("TransformerEngine imports here: the error path is not reachable")
+    except (ImportError, OSError):
+        pass
+    with pytest.raises(ArchitectureError, match=r"^the TransformerEngine layer spec was asked for "
+                                                r"but transformer_engine does not import"):
+        layer_spec(ModelArch(**BASE), use_transformer_engine=True)
 
 
 def test_vocabulary_mismatch_error():

@@ -1,0 +1,74 @@
+"""Runtime: the CPU compatibility layer switches on only without CUDA; the entry point turns bad
+input into a one-line error."""
+
+import json
+import os
+import subprocess
+import sys
+
+from megatron_tropd.testing import _free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code_or_args, env_extra=None, module=False):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               PYTHONPATH=ROOT, **(env_extra or {}))
+    cmd = [sys.executable] + (["-m"] + code_or_args if module else ["-c", code_or_args])
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_cpu_layer_is_inert_when_cuda_is_available():
+    out = _run(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "before = torch.cuda.current_device\n"
+        "from megatron_tropd import cpu_compat\n"
+        "assert cpu_compat.enable() is False and not cpu_compat.is_enabled()\n"
+        "assert torch.cuda.current_device is before\n"
+        "assert torch.overrides._get_current_function_mode_stack() == []\n"
+        "print('inert')\n"
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "inert", out.stderr
+
+
+def test_cpu_layer_maps_cuda_to_cpu():
+    out = _run(
+        "import torch\n"
+        "from megatron_tropd import cpu_compat\n"
+        "assert cpu_compat.enable() is True\n"
+        "x = torch.ones(3, device='cuda')\n"
+        "y = torch.zeros(2, device=torch.cuda.current_device()).cuda().to('cuda:0')\n"
+        "assert x.device.type == 'cpu' and y.device.type == 'cpu'\n"
+        "assert x.type() == 'torch.cuda.FloatTensor'\n"
+        "from megatron.core import tensor_parallel\n"
+        "tensor_parallel.model_parallel_cuda_manual_seed(5, tp_rank=0, ep_rank=0, etp_rank=0)\n"
+        "tracker = tensor_parallel.get_cuda_rng_tracker()\n"
+        "outside = torch.get_rng_state()\n"
+        "with tracker.fork():\n"
+        "    a = torch.rand(4)\n"
+        "assert torch.equal(outside, torch.get_rng_state())\n"
+        "torch.manual_seed(5 + 2718)\n"
+        "assert torch.equal(a, torch.rand(4))  # the model-parallel stream is seed + 2718 + tp_rank\n"
+        "print('mapped')\n"
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "mapped", out.stderr
+
+
+def test_entry_point_errors_are_one_line(tmp_path):
+    bad = tmp_path / "gpt2.json"
+    bad.write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    cases = [
+        (["--student-config", str(bad)],
+         "error: unknown architecture 'gpt2': supported are llama, mistral, qwen2, qwen3"),
+        (["--student-config", str(tmp_path / "missing.json")],
+         f"error: model config not found: {tmp_path / 'missing.json'}"),
+        (["--tensor-model-parallel-size", "2"],
+         "error: world size 1 is not divisible by tensor-model-parallel size 2 x "
+         "pipeline-model-parallel size 1"),
+    ]
+    for args, message in cases:
+        out = _run(["megatron_tropd.smoke"] + args, module=True)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        assert out.stderr.strip().splitlines()[-1] == message
