@@ -339,19 +339,20 @@ def topk_log_probs(logits, k: int, vocab_size: int, group=None):
 
 def topk_forward_kl(student_logits, teacher_topk_log_probs, teacher_topk_ids, vocab_size: int,
                     renormalize: bool = False, group=None):
-    """Forward KL restricted to the teacher's top-k ids, per row:
+    """Forward KL restricted to the teacher's top-k ids, per row (see `topk_forward_kl_terms`);
+    the student's log-probs at those ids come from its sharded logits, with gradient."""
+    student_lp = log_probs_at(student_logits, teacher_topk_ids, vocab_size, group)
+    return topk_forward_kl_terms(teacher_topk_log_probs, student_lp, renormalize)
 
-        Σ_{v ∈ TopK(π_T)} π_T(v) (log π_T(v) - log π_S(v))
 
-    `teacher_topk_log_probs [..., k]` are normalised over the full vocabulary; with `renormalize`
-    the teacher's k probabilities are renormalised to sum to one first. The student's log-probs are
-    over the full vocabulary; the gradient flows through them.
-    """
+def topk_forward_kl_terms(teacher_topk_log_probs, student_topk_log_probs, renormalize: bool = False):
+    """Σ_{v ∈ TopK(π_T)} π_T(v) (log π_T(v) - log π_S(v)) from log-probs at the teacher's top-k ids
+    `[..., k]` (both normalised over the full vocabulary). With `renormalize` the teacher's k
+    probabilities are renormalised to sum to one first. Gradient flows through the student's."""
     teacher_lp = teacher_topk_log_probs.float()
     if renormalize:
         teacher_lp = teacher_lp - teacher_lp.logsumexp(dim=-1, keepdim=True)
-    student_lp = log_probs_at(student_logits, teacher_topk_ids, vocab_size, group).float()
-    return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(dim=-1)
+    return (teacher_lp.exp() * (teacher_lp - student_topk_log_probs.float())).sum(dim=-1)
 
 
 # --- sampling ---------------------------------------------------------------------------------------
