@@ -395,11 +395,16 @@ def sampling_keys(seed: int, row_ids, position):
     return _splitmix64(_splitmix64(base.to(row_ids.device) + position) + row_ids)
 
 
+def uniform_from_keys(keys):
+    """A float64 uniform draw in (0, 1) per int64 key (53 bits of its hash): random numbers that
+    depend only on their keys, not on how the work is split over ranks or micro-batches."""
+    return (_shr(_splitmix64(keys), 11).double() + 0.5) * 2.0**-53
+
+
 def _gumbel(keys, start: int, n: int):
     """Gumbel(0,1) noise `[N, n]` for global ids `start..start+n-1` of rows with `keys [N]`."""
     ids = torch.arange(start, start + n, dtype=torch.long, device=keys.device)
-    bits = _shr(_splitmix64(keys[:, None] + _splitmix64(ids)[None, :]), 11)  # 53 random bits
-    u = (bits.double() + 0.5) * 2.0**-53  # uniform in (0, 1)
+    u = uniform_from_keys(keys[:, None] + _splitmix64(ids)[None, :])
     return -torch.log(-torch.log(u))
 
 

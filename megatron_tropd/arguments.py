@@ -1,0 +1,230 @@
+"""Command-line arguments of the trainer, in Megatron-LM-style groups, and one `validate_args`
+holding every cross-flag check (each failure is a one-line `ArgumentError`)."""
+
+import argparse
+import dataclasses
+import os
+
+from megatron_tropd.distill.losses import (METHODS, OUTLIER_MODES, TRUST_REGIONS, DistillConfig)
+
+
+class ArgumentError(ValueError):
+    """A bad flag or flag combination: one-line message."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_tropd.train",
+        description="On-policy distillation (TrOPD and baselines) and SFT on megatron-core. "
+                    "Run under torchrun: torchrun --nproc-per-node N -m megatron_tropd.train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    for add_group in (_add_model_args, _add_parallel_args, _add_distill_args, _add_rollout_args,
+                      _add_training_args, _add_data_args, _add_checkpoint_args, _add_logging_args):
+        add_group(parser)
+    return parser.parse_args(argv)
+
+
+def _add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--student-load", help="student checkpoint directory (tools/convert_checkpoint.py "
+                   "hf-to-megatron output, or a trainer checkpoint)")
+    g.add_argument("--teacher-load", help="teacher checkpoint directory")
+    g.add_argument("--student-config", help="build the student randomly initialised from this "
+                   "config (HF config.json or our own JSON) instead of --student-load")
+    g.add_argument("--teacher-config", help="build the teacher randomly initialised from this "
+                   "config instead of --teacher-load (tests and smoke runs)")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute (GPU)")
+    g.add_argument("--transformer-engine", action="store_true",
+                   help="TransformerEngine layer spec (needs transformer-engine, GPU)")
+
+
+def _add_parallel_args(parser):
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimiser state over data-parallel ranks")
+
+
+def _add_distill_args(parser):
+    d = DistillConfig()
+    g = parser.add_argument_group("distillation (defaults are the papers')")
+    g.add_argument("--mode", choices=("distill", "sft"), default="distill",
+                   help="distill: on-policy distillation; sft: next-token cross-entropy on "
+                        "prompt+response data through the same loop")
+    g.add_argument("--distill-method", dest="method", choices=METHODS, default=d.method)
+    g.add_argument("--ppo-clip", type=float, default=d.ppo_clip,
+                   help="PPO ratio clip epsilon of policy-gradient terms (eopd: 0.2); none if unset")
+    g.add_argument("--trust-region", choices=TRUST_REGIONS, default=d.trust_region,
+                   help="TrOPD trust test: stochastic acceptance M~Bernoulli(min(1, pi_T/pi_S_old)) "
+                        "(the paper); deterministic lp_T-lp_S_old >= log(tau); kl: full-vocabulary "
+                        "KL(pi_S||pi_T) <= delta")
+    g.add_argument("--trust-tau", type=float, default=d.trust_tau)
+    g.add_argument("--trust-kl-delta", type=float, default=d.trust_kl_delta)
+    g.add_argument("--outlier-mode", choices=OUTLIER_MODES, default=d.outlier_mode,
+                   help="TrOPD untrusted tokens: mask (no loss), clip (advantage max(A, "
+                        "log(lambda/(1-lambda)))), fkl (top-k forward KL, the paper)")
+    g.add_argument("--fkl-code-faithful", action="store_true",
+                   help="outlier fkl as the reported official code: the no-grad top-k FKL value "
+                        "becomes the sampled token's advantage (default: supervised top-k FKL)")
+    g.add_argument("--topk-renormalize", action="store_true",
+                   help="renormalise the teacher's top-k probabilities over the k ids")
+    g.add_argument("--clip-lambda", type=float, default=d.clip_lambda)
+    g.add_argument("--prefix-beta", type=float, default=d.prefix_beta,
+                   help="weight of the beta*CE imitation term on teacher-prefix tokens")
+    g.add_argument("--eopd-entropy-threshold", type=float, default=d.eopd_entropy_threshold)
+    g.add_argument("--eopd-topk", type=int, default=d.eopd_topk)
+    g.add_argument("--reopold-fraction", type=float, default=d.reopold_fraction)
+    g.add_argument("--reopold-stage2-step", type=int, default=d.reopold_stage2_step,
+                   help="REOPOLD selects tokens by |clipped reward| before this step, by student "
+                        "entropy from it on")
+    g.add_argument("--entropy-opd-fraction", type=float, default=d.entropy_opd_fraction)
+    g.add_argument("--jsd-beta", type=float, default=d.jsd_beta,
+                   help="GKD generalised JSD beta (0 forward KL, 1 reverse KL)")
+
+
+def _add_rollout_args(parser):
+    g = parser.add_argument_group("rollout and teacher scoring")
+    g.add_argument("--samples-per-prompt", type=int, default=4, help="on-policy samples per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k truncation")
+    g.add_argument("--stop-ids", type=int, nargs="*", default=None,
+                   help="token ids that end a response (the tokenizer's EOS is always one)")
+    g.add_argument("--teacher-topk", type=int, default=64,
+                   help="k of the teacher's top-k signals (FKL terms)")
+    g.add_argument("--prefix-source", choices=("none", "offline", "online"), default="none",
+                   help="teacher responses for TrOPD's off-policy guidance: none, a JSONL file "
+                        "(--teacher-responses), or generated by the teacher in the job")
+    g.add_argument("--teacher-responses", help="JSONL of teacher responses ({index, response_ids})")
+    g.add_argument("--prefix-anneal-steps", type=int, default=200,
+                   help="T of alpha(step) = (1 + cos(pi * step / T)) / 2")
+    g.add_argument("--prefix-samples-per-prompt", type=int, default=1,
+                   help="extra teacher-prefix samples per prompt beside the on-policy ones")
+
+
+def _add_training_args(parser):
+    g = parser.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--prompts-per-iteration", type=int, default=8,
+                   help="global batch of prompts per iteration (all data-parallel ranks)")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
+    g.add_argument("--lr", type=float, default=5e-6)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="constant")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--epochs-per-rollout", type=int, default=1,
+                   help="optimiser steps per rollout batch (PPO-style epochs)")
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def _add_data_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--prompts", help="JSONL of prompts ({prompt} or {messages}, optional answer)")
+    g.add_argument("--sft-data", help="JSONL of {prompt|messages, response} for --mode sft")
+    g.add_argument("--tokenizer", help="SentencePiece .model file or HF tokenizer directory "
+                   "(default: the student checkpoint directory)")
+    g.add_argument("--prompt-template", choices=("auto", "chat", "plain"), default="auto")
+    g.add_argument("--max-prompt-length", type=int, default=512)
+
+
+def _add_checkpoint_args(parser):
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", help="directory for checkpoints (iter_XXXXXXX/ and latest)")
+    g.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (0: all)")
+    g.add_argument("--load", help="resume from the latest checkpoint here (default: --save)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="resume the model weights only (fresh optimiser and scheduler)")
+
+
+def _add_logging_args(parser):
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", help="TensorBoard event files (default: <save>/tensorboard)")
+
+
+def distill_config(args) -> DistillConfig:
+    """The loss hyper-parameters: the DistillConfig fields share the flags' names."""
+    return DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
+
+
+def validate_args(args, world_size: int = 1):
+    """Every cross-flag check, before anything is built. Raises a one-line ArgumentError."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ArgumentError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if world_size % (tp * pp):
+        raise ArgumentError(f"world size {world_size} is not divisible by tensor-model-parallel size "
+                            f"{tp} x pipeline-model-parallel size {pp}")
+    dp = world_size // (tp * pp)
+    if bool(args.student_load) == bool(args.student_config):
+        raise ArgumentError("give exactly one of --student-load and --student-config")
+    if args.mode == "distill" and bool(args.teacher_load) == bool(args.teacher_config):
+        raise ArgumentError("give exactly one of --teacher-load and --teacher-config")
+    if args.mode == "distill" and not args.prompts:
+        raise ArgumentError("--mode distill needs --prompts")
+    if args.mode == "sft" and not args.sft_data:
+        raise ArgumentError("--mode sft needs --sft-data")
+    for name in ("prompts", "sft_data", "teacher_responses", "tokenizer", "student_load",
+                 "teacher_load", "student_config", "teacher_config"):
+        path = getattr(args, name)
+        if path and not os.path.exists(path):
+            raise ArgumentError(f"--{name.replace('_', '-')} {path} does not exist")
+    if args.train_iters < 1:
+        raise ArgumentError("--train-iters must be >= 1")
+    if args.prompts_per_iteration % dp:
+        raise ArgumentError(f"--prompts-per-iteration {args.prompts_per_iteration} is not divisible "
+                            f"by the data-parallel size {dp}")
+    if args.micro_batch_size < 1 or args.samples_per_prompt < 1 or args.epochs_per_rollout < 1:
+        raise ArgumentError("--micro-batch-size, --samples-per-prompt and --epochs-per-rollout "
+                            "must be >= 1")
+    if args.max_new_tokens < 1:
+        raise ArgumentError("--max-new-tokens must be >= 1")
+    if args.temperature <= 0:
+        raise ArgumentError("--temperature must be > 0 for on-policy sampling (log-probs of the "
+                            "sampler are needed)")
+    if not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
+        raise ArgumentError("--top-p must be in (0, 1] and --top-k >= 0")
+    if not 0.0 < args.clip_lambda < 1.0:
+        raise ArgumentError("--clip-lambda must be in (0, 1)")
+    if not 0.0 <= args.jsd_beta <= 1.0:
+        raise ArgumentError("--jsd-beta must be in [0, 1]")
+    if args.ppo_clip is not None and not 0.0 < args.ppo_clip < 1.0:
+        raise ArgumentError("--ppo-clip must be in (0, 1)")
+    for name in ("reopold_fraction", "entropy_opd_fraction"):
+        if not 0.0 < getattr(args, name) <= 1.0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be in (0, 1]")
+    if args.teacher_topk < 1 or args.eopd_topk < 1:
+        raise ArgumentError("--teacher-topk and --eopd-topk must be >= 1")
+    if args.method == "eopd" and args.eopd_topk > args.teacher_topk:
+        raise ArgumentError(f"--eopd-topk {args.eopd_topk} exceeds --teacher-topk {args.teacher_topk}")
+    if args.prefix_source != "none" and args.method != "tropd":
+        raise ArgumentError("--prefix-source (teacher-prefix guidance) is part of --distill-method "
+                            "tropd only")
+    if args.prefix_source == "offline" and not args.teacher_responses:
+        raise ArgumentError("--prefix-source offline needs --teacher-responses")
+    if args.prefix_anneal_steps < 1:
+        raise ArgumentError("--prefix-anneal-steps must be >= 1")
+    if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ArgumentError("learning rates must satisfy 0 <= --min-lr <= --lr")
+    if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.train_iters:
+        raise ArgumentError("--lr-warmup-iters must be in [0, --train-iters]")
+    if args.save_interval < 0 or args.keep_last < 0 or args.log_interval < 1:
+        raise ArgumentError("--save-interval and --keep-last must be >= 0, --log-interval >= 1")
+    if args.bf16 and not _cuda_available():
+        raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
+    return dp
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

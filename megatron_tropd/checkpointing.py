@@ -1,0 +1,168 @@
+"""Trainer checkpoints and exact resume.
+
+    <save>/iter_0000200/           a model checkpoint directory (models/checkpoint.py: config.json,
+                                   tokenizer files, megatron_tropd.json, model/) plus
+              optimizer/           megatron-core dist_checkpointing of the optimiser state
+              rng/rank_00003.pt    each rank's python / numpy / torch RNG states
+    <save>/latest                  the iteration of the last *complete* checkpoint
+
+A checkpoint is written under a temporary name and renamed when every rank has finished; `latest`
+is replaced atomically after that, and only then are checkpoints beyond `--keep-last` deleted. A
+crash mid-save therefore leaves the previous checkpoint and `latest` intact. Model and optimiser
+state are reshardable (load at another TP/PP); the trainer state (iteration, LR schedule, data
+position) lives in megatron_tropd.json. Sampling and trust-test draws are keyed by (seed, sample id,
+position), so a resumed run draws what an uninterrupted one would have.
+"""
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_tropd.initialize import print_rank_0
+from megatron_tropd.models import checkpoint as model_checkpoint
+from megatron_tropd.models.hf_checkpoint import CheckpointError
+
+LATEST = "latest"
+OPTIMIZER_DIR = "optimizer"
+RNG_DIR = "rng"
+
+
+def _iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def due(args, iteration: int) -> bool:
+    if not args.save:
+        return False
+    at_interval = args.save_interval and iteration % args.save_interval == 0
+    return bool(at_interval) or iteration == args.train_iters
+
+
+def load_weights(directory: str, model) -> dict:
+    """Model weights from a converted or trainer checkpoint directory (any TP/PP it was saved at)."""
+    return model_checkpoint.load_model(directory, model)
+
+
+def save(args, run):
+    """Save the run at `run.iteration` (collective)."""
+    from megatron.core import dist_checkpointing
+
+    target = _iteration_dir(args.save, run.iteration)
+    state = {"scheduler": run.scheduler.state_dict(), "sampler": run.sampler.state_dict()}
+    with model_checkpoint.atomic_directory(target, overwrite=True) as tmp:
+        model_checkpoint.write_model(tmp, run.model, run.student_arch,
+                                     source_dir=run.student_source, iteration=run.iteration,
+                                     metadata={"trainer": state, "world_size": _world()})
+        optimizer_dir = os.path.join(tmp, OPTIMIZER_DIR)
+        if _rank() == 0:
+            os.makedirs(optimizer_dir)
+            os.makedirs(os.path.join(tmp, RNG_DIR))
+        _barrier()
+        dist_checkpointing.save(run.optimizer.sharded_state_dict(run.model.sharded_state_dict()),
+                                optimizer_dir)
+        torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{_rank():05d}.pt"))
+    if _rank() == 0:
+        _write_latest(args.save, run.iteration)
+        _prune(args.save, args.keep_last, run.iteration)
+    _barrier()
+    print_rank_0(f"saved checkpoint {target}")
+
+
+def resume(args, run):
+    """Continue from the latest checkpoint in `--load` (default `--save`), if there is one."""
+    from megatron.core import dist_checkpointing
+
+    root = args.load or args.save
+    if not root or not os.path.isfile(os.path.join(root, LATEST)):
+        if args.load:
+            raise CheckpointError(f"--load {args.load}: no '{LATEST}' file, so no checkpoint to "
+                                  f"resume from")
+        return
+    directory = _iteration_dir(root, _read_latest(root))
+    meta = model_checkpoint.load_model(directory, run.model)
+    if "trainer" not in meta:
+        raise CheckpointError(f"{directory} is a model checkpoint without trainer state")
+    if args.no_load_optim:
+        run.optimizer.reload_model_params()
+    else:
+        sharded = run.optimizer.sharded_state_dict(run.model.sharded_state_dict(), is_loading=True)
+        run.optimizer.load_state_dict(
+            dist_checkpointing.load(sharded, os.path.join(directory, OPTIMIZER_DIR)))
+        run.scheduler.load_state_dict(meta["trainer"]["scheduler"])
+    run.sampler.load_state_dict(meta["trainer"]["sampler"])
+    run.iteration = meta["iteration"]
+    rng_file = os.path.join(directory, RNG_DIR, f"rank_{_rank():05d}.pt")
+    if _same_layout(meta) and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    print_rank_0(f"resumed from {directory} at iteration {run.iteration}")
+
+
+def _same_layout(meta) -> bool:
+    from megatron.core import parallel_state as ps
+
+    return (meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
+            and meta.get("pipeline_model_parallel_size") == ps.get_pipeline_model_parallel_world_size()
+            and meta.get("world_size") == _world())
+
+
+def _rng_state():
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state):
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_latest(root: str, iteration: int):
+    tmp = os.path.join(root, f".{LATEST}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def _read_latest(root: str) -> int:
+    text = open(os.path.join(root, LATEST)).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{os.path.join(root, LATEST)} does not hold an iteration: {text!r}")
+    return int(text)
+
+
+def _prune(root: str, keep_last: int, latest: int):
+    if keep_last <= 0:
+        return
+    iterations = sorted(int(name[5:]) for name in os.listdir(root)
+                        if name.startswith("iter_") and name[5:].isdigit())
+    for iteration in iterations[:-keep_last]:
+        if iteration != latest:
+            shutil.rmtree(_iteration_dir(root, iteration), ignore_errors=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()

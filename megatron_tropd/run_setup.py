@@ -1,0 +1,152 @@
+"""Everything a training run holds, built from the arguments: the student (with megatron DDP,
+optimiser and LR schedule), the frozen teacher, the tokenizer, the data and its sampler. Resuming
+from a checkpoint is `checkpointing.resume`'s job; this module only builds."""
+
+import dataclasses
+from typing import Callable, List, Optional
+
+import torch
+
+from megatron_tropd import arguments
+from megatron_tropd.distill import losses
+from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.models.builder import build_model, check_student_teacher
+
+
+@dataclasses.dataclass
+class Run:
+    """The state of a training run (this rank's part of it)."""
+
+    model: torch.nn.Module              # the student's stage (unwrapped)
+    ddp: torch.nn.Module                # megatron DDP around it
+    teacher: Optional[torch.nn.Module]  # frozen; None in SFT mode
+    optimizer: object
+    scheduler: object
+    config: losses.DistillConfig
+    needs: losses.Needs
+    student_arch: ModelArch
+    student_source: Optional[str]       # checkpoint the student came from (config, tokenizer files)
+    vocab_size: int
+    pad_id: int
+    stop_ids: tuple
+    sampler: object
+    dp_rank: int
+    prompts: Optional[list] = None
+    sft_examples: Optional[list] = None
+    teacher_responses: Optional[Callable[[List[List[int]], List[int]], List[List[int]]]] = None
+    iteration: int = 0
+    history: list = dataclasses.field(default_factory=list)
+
+
+def setup_run(args) -> Run:
+    from megatron.core import parallel_state
+
+    from megatron_tropd import checkpointing
+    from megatron_tropd.data import PromptSampler
+
+    student_arch = _arch(args.student_load, args.student_config)
+    teacher = None
+    if args.mode == "distill":
+        teacher_arch = _arch(args.teacher_load, args.teacher_config)
+        check_student_teacher(student_arch, teacher_arch)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    common = dict(params_dtype=dtype, use_transformer_engine=args.transformer_engine)
+    model = build_model(student_arch, "student", calculate_per_token_loss=True, **common)
+    if args.student_load:
+        checkpointing.load_weights(args.student_load, model)
+    if args.mode == "distill":
+        teacher = build_model(teacher_arch, "teacher", **common)
+        if args.teacher_load:
+            checkpointing.load_weights(args.teacher_load, teacher)
+    ddp, optimizer, scheduler = _optimizer(args, model)
+
+    tokenizer = _tokenizer(args)
+    examples = _data(args, tokenizer)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    sampler = PromptSampler(len(examples), args.prompts_per_iteration, dp_rank,
+                            parallel_state.get_data_parallel_world_size(), args.seed)
+    config = arguments.distill_config(args)
+    run = Run(
+        model=model, ddp=ddp, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+        config=config, needs=losses.needs(config), student_arch=student_arch,
+        student_source=args.student_load, vocab_size=student_arch.vocab_size,
+        pad_id=tokenizer.pad_id, stop_ids=tuple(sorted({tokenizer.eos_id, *(args.stop_ids or [])})),
+        sampler=sampler, dp_rank=dp_rank,
+        prompts=examples if args.mode == "distill" else None,
+        sft_examples=examples if args.mode == "sft" else None,
+    )
+    if args.mode == "distill" and args.prefix_source != "none":
+        run.teacher_responses = _teacher_responses(args, run)
+    checkpointing.resume(args, run)
+    return run
+
+
+def _arch(load_dir, config_path) -> ModelArch:
+    return ModelArch.from_file(load_dir or config_path)
+
+
+def _tokenizer(args):
+    from megatron_tropd.tokenizer import TokenizerError, load_tokenizer
+
+    path = args.tokenizer or args.student_load
+    if path is None:
+        raise TokenizerError("no tokenizer: give --tokenizer (the student was built from a config)")
+    return load_tokenizer(path)
+
+
+def _data(args, tokenizer):
+    from megatron_tropd import data
+
+    if args.mode == "sft":
+        return data.load_sft(args.sft_data, tokenizer, args.prompt_template,
+                             max_length=args.max_prompt_length + args.max_new_tokens)
+    return data.load_prompts(args.prompts, tokenizer, args.prompt_template, args.max_prompt_length)
+
+
+def _optimizer(args, model):
+    """Megatron DDP, Adam(W) (megatron's, falling back to torch's without apex/TE) with gradient
+    clipping, and the LR schedule (warm-up, then constant / linear / cosine decay to --min-lr)."""
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    # token-mean over the global batch: the schedule sums per-token losses and finalize divides the
+    # gradients by the token count all-reduced over data-parallel ranks and micro-batches
+    model.config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+            bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
+        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters * args.epochs_per_rollout,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * args.epochs_per_rollout, wd_incr_style="constant",
+    )
+    return ddp, optimizer, scheduler
+
+
+def _teacher_responses(args, run):
+    """A function from (prompts, prompt indices) to one teacher response per prompt: looked up in
+    the offline JSONL file, or generated by the teacher now (online)."""
+    from megatron_tropd.rollout import teacher_responses as tr
+    from megatron_tropd.rollout.generate import SamplingParams
+
+    if args.prefix_source == "offline":
+        table = tr.read_teacher_responses(args.teacher_responses)
+        return lambda prompts, indices: tr.lookup_teacher_responses(table, prompts)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, stop_ids=run.stop_ids,
+                            seed=args.seed + 1)
+    return lambda prompts, indices: tr.online_teacher_responses(run.teacher, prompts, params,
+                                                                 run.vocab_size)

@@ -1,0 +1,281 @@
+"""The training loop: student rollouts -> teacher scoring -> student update (and SFT through the
+same update), with metrics and checkpoints. Read `train()` top-down.
+
+    torchrun --nproc-per-node 8 -m megatron_tropd.train --tensor-model-parallel-size 2 \\
+        --student-load ckpt/student --teacher-load ckpt/teacher --prompts prompts.jsonl \\
+        --distill-method tropd --train-iters 200 --save runs/tropd
+    multi-node: torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...
+
+One distillation iteration on every data-parallel rank:
+  prompts (this rank's slice of the global batch)
+  -> [teacher prefixes, floor(alpha(step) * L_T) tokens]            (TrOPD off-policy guidance)
+  -> student rollouts (KV cache, vocabulary-parallel sampling)      -> tokens, lp_S_old
+  -> teacher scoring (frozen, forward-only)                         -> lp_T, top-k, entropy
+  -> token selection over the global batch (REOPOLD, Entropy-OPD)
+  -> epochs x [forward_backward over micro-batches, token-mean loss over the global batch,
+               finalize grads (DDP), clip, optimiser step, LR schedule]
+  -> metrics (console + TensorBoard), checkpoint.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+from functools import partial
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_tropd import arguments, checkpointing, run_setup
+from megatron_tropd.distill import losses
+from megatron_tropd.distill.inputs import token_inputs
+from megatron_tropd.distill.teacher import score as teacher_score
+from megatron_tropd.distill.token_selection import (selection_fraction, selection_scores,
+                                                    top_fraction_mask)
+from megatron_tropd.initialize import initialize_distributed, print_rank_0
+from megatron_tropd.monitor import MetricsLogger
+from megatron_tropd.ops import vocab_parallel as vp
+from megatron_tropd.rollout import prefix as prefix_schedule
+from megatron_tropd.rollout.generate import SamplingParams, generate
+
+# Keys of the trust-test uniforms: distinct from the sampler's, same (sample id, column) indexing.
+_TRUST_SEED_OFFSET = 0x7F4A7C15
+
+
+@dataclasses.dataclass
+class TrainBatch:
+    """Rows the student is updated on. `tokens [B, T]`; `loss_mask [B, T]` the scored tokens
+    (entry j is about token j, predicted from column j - 1); `attention_mask [B, 1, T, T]` (None:
+    plain causal); `fields`: per-token loss inputs aligned with `tokens` (last stage only)."""
+
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    fields: Dict[str, torch.Tensor]
+
+    def rows(self, start: int, end: int) -> "TrainBatch":
+        return TrainBatch(
+            self.tokens[start:end], self.loss_mask[start:end],
+            None if self.attention_mask is None else self.attention_mask[start:end],
+            {k: v[start:end] for k, v in self.fields.items()},
+        )
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """Console entry point: bad input of any kind ends with a one-line `error: ...`, exit code 2."""
+    from megatron_tropd.data import DataError
+    from megatron_tropd.initialize import ParallelConfigError
+    from megatron_tropd.models.arch import ArchitectureError
+    from megatron_tropd.models.hf_checkpoint import CheckpointError
+    from megatron_tropd.rollout.generate import GenerationError
+    from megatron_tropd.tokenizer import TokenizerError
+
+    args = arguments.parse_args(argv)
+    try:
+        train(args)
+    except (arguments.ArgumentError, ArchitectureError, CheckpointError, DataError,
+            GenerationError, ParallelConfigError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def train(args):
+    """Set up, resume if a checkpoint is there, and run `args.train_iters` iterations."""
+    dp = arguments.validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                           args.seed)
+    run = run_setup.setup_run(args)  # models, optimiser, scheduler, data, resumed state
+    logger = MetricsLogger(args, run.iteration)
+    print_rank_0(f"training {args.mode}"
+                 f"{'' if args.mode == 'sft' else ' ' + args.method} for {args.train_iters} "
+                 f"iterations from iteration {run.iteration} (DP={dp}, "
+                 f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size})")
+    while run.iteration < args.train_iters:
+        step = run.iteration
+        timings = {}
+        if args.mode == "sft":
+            batch, batch_metrics = timed(timings, "data", sft_batch, args, run)
+        else:
+            rollout, batch_metrics = timed(timings, "rollout", rollouts, args, run, step)
+            signals = timed(timings, "teacher", teacher_score, run.teacher, rollout,
+                            run.vocab_size, args.teacher_topk, run.needs.teacher_full,
+                            args.micro_batch_size)
+            batch = distill_batch(args, run, rollout, signals, step)
+        metrics = timed(timings, "train", update, args, run, batch)
+        run.iteration += 1
+        logger.log(run.iteration, {**_reduce_over_data_parallel(batch_metrics), **metrics},
+                   timings, run.scheduler)
+        if checkpointing.due(args, run.iteration):
+            timed(timings, "checkpoint", checkpointing.save, args, run)
+    logger.close()
+    print_rank_0(f"done: {run.iteration} iterations")
+    run.history = logger.history
+    return run
+
+
+def timed(timings, name, fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    return out
+
+
+# --- distillation batches -----------------------------------------------------------------------
+
+
+def rollouts(args, run, step):
+    """This rank's prompts -> (teacher prefixes) -> student samples. Returns the rollout batch and
+    its batch-level metrics."""
+    global_position = run.sampler.consumed_samples  # before this iteration's draw
+    indices = run.sampler.next_indices()
+    prompts = [run.prompts[i].prompt_ids for i in indices]
+    rows_per_prompt = args.samples_per_prompt + _prefix_rows(args)
+    local = len(prompts)
+    first_prompt = global_position + run.dp_rank * local
+    row_prompts, prefixes = [], []
+    responses = run.teacher_responses(prompts, indices) if _prefix_rows(args) else None
+    for i, prompt in enumerate(prompts):
+        row_prompts += [prompt] * rows_per_prompt
+        prefixes += [[]] * args.samples_per_prompt
+        if responses is not None:
+            prefixes += prefix_schedule.teacher_prefixes([responses[i]], step,
+                                                         args.prefix_anneal_steps)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, stop_ids=run.stop_ids,
+                            n_samples=1, seed=args.seed)
+    batch = generate(run.model, row_prompts, params, run.vocab_size, prefixes=prefixes,
+                     sample_offset=first_prompt * rows_per_prompt, pad_id=run.pad_id)
+    response_lengths = batch.student_mask.sum(1).float()
+    metrics = {"response_length": (response_lengths.sum(), torch.tensor(float(len(row_prompts))))}
+    if _prefix_rows(args):
+        metrics["prefix_alpha"] = (torch.tensor(prefix_schedule.prefix_fraction(
+            step, args.prefix_anneal_steps)), torch.tensor(1.0))
+    return batch, metrics
+
+
+def _prefix_rows(args) -> int:
+    return args.prefix_samples_per_prompt if args.prefix_source != "none" else 0
+
+
+def distill_batch(args, run, rollout, signals, step) -> TrainBatch:
+    """The update's inputs: rollout tokens plus, on the last stage, every per-token loss input."""
+    from megatron.core import parallel_state
+
+    fields = {}
+    if parallel_state.is_pipeline_last_stage():
+        needs = run.needs
+        fields = dict(old_logprobs=rollout.lp_S_old, teacher_logprobs=signals.token_log_probs,
+                      on_policy=rollout.student_mask, prefix=rollout.prefix_mask)
+        if needs.uniform:
+            columns = torch.arange(rollout.tokens.shape[1])
+            keys = vp.sampling_keys(args.seed + _TRUST_SEED_OFFSET, rollout.sample_ids[:, None],
+                                    columns[None, :])
+            fields["uniform"] = vp.uniform_from_keys(keys)
+        if needs.topk:
+            fields.update(teacher_topk_logprobs=signals.topk_log_probs,
+                          teacher_topk_ids=signals.topk_ids)
+        if needs.teacher_entropy:
+            fields["teacher_entropy"] = signals.entropy
+        if needs.teacher_full:
+            fields["teacher_full_logprobs"] = signals.log_probs
+        if needs.selection:
+            scores = selection_scores(run.config, step, signals.token_log_probs - rollout.lp_S_old,
+                                      rollout.student_entropy)
+            fields["selected"] = top_fraction_mask(scores, rollout.student_mask,
+                                                   selection_fraction(run.config),
+                                                   parallel_state.get_data_parallel_group())
+    return TrainBatch(rollout.tokens, rollout.response_mask, rollout.attention_mask(), fields)
+
+
+# --- SFT batches --------------------------------------------------------------------------------
+
+
+def sft_batch(args, run):
+    """This rank's SFT examples, right-padded to one length (causal attention needs no mask)."""
+    examples = [run.sft_examples[i] for i in run.sampler.next_indices()]
+    length = max(len(e.input_ids) for e in examples)
+    tokens = torch.full((len(examples), length), run.pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        tokens[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        loss_mask[row, :len(e.loss_mask)] = torch.tensor(e.loss_mask, dtype=torch.bool)
+    loss_mask[:, 0] = False  # the first token has no prediction
+    metrics = {"sequence_length": (loss_mask.sum().float(), torch.tensor(float(len(examples))))}
+    return TrainBatch(tokens, loss_mask, None, {}), metrics
+
+
+# --- the student update -------------------------------------------------------------------------
+
+
+def update(args, run, batch: TrainBatch):
+    """`epochs_per_rollout` optimiser steps on `batch`; returns metric sums reduced over the
+    micro-batches and data-parallel ranks."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    rows = batch.tokens.shape[0]
+    mbs = args.micro_batch_size
+    micro_batches = [batch.rows(s, s + mbs) for s in range(0, rows, mbs)]
+    totals = {}
+    for _ in range(args.epochs_per_rollout):
+        run.ddp.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        reduced = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, args, run),
+            data_iterator=iter(micro_batches), model=[run.ddp],
+            num_microbatches=len(micro_batches), seq_length=batch.tokens.shape[1],
+            micro_batch_size=mbs, forward_only=False,
+        )
+        _, grad_norm, _ = run.optimizer.step()
+        run.scheduler.step(increment=1)
+        for metrics in reduced:
+            for name, (total, count) in metrics.items():
+                t, c = totals.get(name, (0.0, 0.0))
+                totals[name] = (t + total, c + count)
+    out = _reduce_over_data_parallel(totals)
+    out["grad_norm"] = (torch.tensor(float(grad_norm or 0.0)), torch.tensor(1.0))
+    return out
+
+
+def _forward_step(args, run, data_iterator, model):
+    mb = next(data_iterator)
+    logits = model(mb.tokens, None, mb.attention_mask)
+    return logits, partial(_loss, args, run, mb)
+
+
+def _loss(args, run, mb: TrainBatch, logits):
+    """Token-sum of the per-token loss of one micro-batch, its token count (megatron divides the
+    gradients by the global count: token-mean over the global batch) and metric sums."""
+    mask = mb.loss_mask
+    predicting = logits[:, :-1][mask[:, 1:]]  # [N, V/tp], row n predicts targets[n]
+    targets = mb.tokens[mask]
+    if args.mode == "sft":
+        per_token = -vp.token_log_probs(predicting, targets, run.vocab_size)
+        metrics = {"sft_loss": (per_token.detach().sum(), torch.tensor(float(per_token.numel())))}
+    else:
+        x = token_inputs(predicting, targets, run.vocab_size, run.needs,
+                         jsd_beta=run.config.jsd_beta,
+                         **{k: v[mask] for k, v in mb.fields.items()})
+        out = losses.compute_loss(x, run.config)
+        per_token, metrics = out.per_token, dict(out.metrics)
+    n_tokens = mask.sum()
+    loss = per_token.sum()
+    metrics["loss"] = (loss.detach().float(), n_tokens.float())
+    return loss, n_tokens.int(), {k: (torch.as_tensor(s).float(), torch.as_tensor(c).float())
+                                  for k, (s, c) in metrics.items()}
+
+
+def _reduce_over_data_parallel(totals):
+    """Sum (sum, count) pairs over the data-parallel group (last pipeline stage holds them)."""
+    from megatron.core import parallel_state
+
+    if not totals or not parallel_state.is_pipeline_last_stage():
+        return {}
+    names = sorted(totals)
+    flat = torch.stack([torch.stack([torch.as_tensor(totals[n][0]).float(),
+                                     torch.as_tensor(totals[n][1]).float()]) for n in names])
+    dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+    return {n: (flat[i, 0], flat[i, 1]) for i, n in enumerate(names)}
