@@ -49,6 +49,9 @@ def enable() -> bool:
 class _NoOpStream:
     """Stands in for a CUDA stream or event: every method is a no-op."""
 
+    def __init__(self, *args, **kwargs):
+        pass
+
     def __getattr__(self, _name):
         return lambda *args, **kwargs: None
 
@@ -65,8 +68,9 @@ def _patch_torch_cuda():
     cuda.synchronize = lambda *args, **kwargs: None
     cuda.current_stream = lambda *args, **kwargs: _NoOpStream()
     cuda.default_stream = lambda *args, **kwargs: _NoOpStream()
-    cuda.Stream = lambda *args, **kwargs: _NoOpStream()
-    cuda.Event = lambda *args, **kwargs: _NoOpStream()
+    # Classes, not functions: libraries imported later annotate with `torch.cuda.Stream | None`.
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpStream
     cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
     cuda.set_device = lambda *args, **kwargs: None
     cuda.empty_cache = lambda: None

@@ -1,0 +1,45 @@
+"""What the command-line tools share: bad input reported as one line on stderr (no traceback),
+and process-group start-up that works under torchrun and as a plain single process."""
+
+import os
+import socket
+import sys
+
+from megatron_tropd.initialize import ParallelConfigError, initialize_distributed
+from megatron_tropd.models.arch import ArchitectureError
+from megatron_tropd.models.hf_checkpoint import CheckpointError
+
+USER_ERRORS = (ArchitectureError, CheckpointError, ParallelConfigError)
+
+
+def run_main(main):
+    """Call `main()`; a user error becomes `error: <message>` and exit status 1."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def world_size() -> int:
+    """Processes in this launch (torchrun sets WORLD_SIZE; a plain python run is one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def require_world_size(expected: int, what: str):
+    if world_size() != expected:
+        raise ParallelConfigError(
+            f"{what} needs {expected} process(es), this launch has {world_size()}: run it with "
+            f"`torchrun --nproc-per-node {expected} ...`" if expected > 1 else
+            f"{what} runs in one process, this launch has {world_size()}: run it with plain python"
+        )
+
+
+def init_distributed(tp: int = 1, pp: int = 1):
+    """torch.distributed and megatron's groups; a single process gets a free port of its own so
+    that several tools (or tests) can run side by side."""
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    initialize_distributed(tp, pp)
