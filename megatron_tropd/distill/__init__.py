@@ -1,0 +1,1 @@
+"""Distillation: the teacher's scoring pass and the losses built on its signals."""

@@ -1,0 +1,88 @@
+"""One generation forward of this rank's pipeline stage, ending in vocabulary-sharded logits.
+
+megatron-core 0.16.1's `GPTModel.forward` all-gathers the vocabulary whenever it is given an
+inference context ("Inference must always gather TP logits"), which a vocabulary-parallel sampler
+does not need. So generation runs the model's pieces itself: embedding (first stage), decoder with
+the KV cache, final norm (inside the decoder on the last stage) and
+`output_layer(..., runtime_gather_output=False)` on the last position only.
+
+Under pipeline parallelism the stages run one after another for each step: a stage receives the
+hidden states `[s, B, H]` from the previous stage (point-to-point; both sides know the shape),
+runs its layers and sends them on. The ids the last stage samples are broadcast back over the
+pipeline group, so every stage knows the next input and when generation ends.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+class GenerationStage:
+    """This rank's stage of a GPTModel, run one generation step at a time.
+
+    Args:
+        model: this rank's GPTModel stage (as `models.builder.build_model` returns it).
+        max_length: the longest sequence (context + new tokens) it will be run on.
+    """
+
+    def __init__(self, model, max_length: int):
+        from megatron.core import parallel_state as ps
+
+        self.model = model
+        self.is_first = ps.is_pipeline_first_stage()
+        self.is_last = ps.is_pipeline_last_stage()
+        self.pipelined = ps.get_pipeline_model_parallel_world_size() > 1
+        if self.pipelined:
+            self.pp_group = ps.get_pipeline_model_parallel_group()
+            self.last_rank = ps.get_pipeline_model_parallel_last_rank()
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+        config = model.config
+        self.hidden_shape = (config.hidden_size,)
+        self.dtype = config.params_dtype
+        self.device = next(model.parameters()).device
+        # RoPE angles of positions 0..max_length-1, computed once: the static KV cache slices the
+        # rows of the current step from this table, a full recompute uses its first rows.
+        self.rope = model.rotary_pos_emb(max_length)
+        tied = self.is_last and model.share_embeddings_and_output_weights
+        self.output_weight = model.shared_embedding_or_output_weight() if tied else None
+
+    def forward(self, tokens, attention_mask, context=None):
+        """Run this stage on `tokens [B, s]` (columns from `context.sequence_len_offset` on with a
+        KV cache, from column 0 without one).
+
+        Args:
+            attention_mask: `[B, 1, s, keys]` bool, True = masked (see `batch.causal_padding_mask`).
+            context: megatron's `StaticInferenceContext` holding the KV cache, or None for a full
+                forward of the sequence so far.
+        Returns: logits shard of the last position `[B, V/tp]` on the last stage, None elsewhere.
+        """
+        batch, length = tokens.shape
+        if self.is_first:
+            # position_ids feed only learned absolute position embeddings; ours are RoPE.
+            hidden = self.model.embedding(input_ids=tokens, position_ids=None)
+        else:
+            hidden = torch.empty((length, batch) + self.hidden_shape, dtype=self.dtype,
+                                 device=self.device)
+            dist.recv(hidden, src=self.prev_rank)
+            self.model.decoder.set_input_tensor(hidden)
+        hidden = self.model.decoder(
+            hidden_states=hidden,
+            attention_mask=attention_mask,
+            inference_context=context,
+            rotary_pos_emb=self.rope if context is not None else self.rope[:length],
+        )
+        if context is not None:
+            context.increment_sequence_len_offset(length)
+        if not self.is_last:
+            dist.send(hidden.contiguous(), dst=self.next_rank)
+            return None
+        logits, _ = self.model.output_layer(
+            hidden[-1:], weight=self.output_weight, runtime_gather_output=False
+        )
+        return logits[0]
+
+    def broadcast_from_last(self, tensor):
+        """The last stage's `tensor` on every stage (other stages pass a buffer of its shape)."""
+        if self.pipelined:
+            dist.broadcast(tensor, src=self.last_rank, group=self.pp_group)
+        return tensor

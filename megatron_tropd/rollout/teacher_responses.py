@@ -1,0 +1,66 @@
+"""Teacher responses for off-policy guidance: generated online by the teacher model in the same job
+(same generation code and sampler as the student), or read from a JSONL file written beforehand by
+`tools/generate_teacher_responses.py`.
+
+File format, one JSON object per line (text fields are optional, for reading):
+
+    {"prompt_ids": [1, 2, 3], "response_ids": [7, 8, 2], "prompt": "...", "response": "..."}
+
+Responses are looked up by their prompt's token ids, so the file does not depend on the order or
+sharding of the training prompts.
+"""
+
+import json
+from typing import Dict, List, Sequence, Tuple
+
+from megatron_tropd.rollout.generate import SamplingParams, generate
+
+
+def online_teacher_responses(teacher, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                             vocab_size: int, sample_offset: int = 0) -> List[List[int]]:
+    """One teacher response per prompt, sampled by the teacher model (collective over the
+    model-parallel group, like `generate`)."""
+    if params.n_samples != 1:
+        raise ValueError(f"one teacher response per prompt: n_samples must be 1, "
+                         f"got {params.n_samples}")
+    return generate(teacher, prompts, params, vocab_size, sample_offset=sample_offset).responses()
+
+
+def write_teacher_responses(path: str, records: Sequence[dict]):
+    """Write records (each with `prompt_ids` and `response_ids`) as JSONL."""
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_teacher_responses(path: str) -> Dict[Tuple[int, ...], List[int]]:
+    """The file's responses keyed by the tuple of their prompt ids."""
+    responses = {}
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    responses[tuple(record["prompt_ids"])] = list(record["response_ids"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{path}:{number}: not a teacher-response record with prompt_ids and "
+                        f"response_ids ({e.__class__.__name__}: {e})"
+                    ) from None
+    except FileNotFoundError:
+        raise ValueError(f"teacher-response file not found: {path}") from None
+    return responses
+
+
+def lookup_teacher_responses(responses: Dict[Tuple[int, ...], List[int]],
+                             prompts: Sequence[Sequence[int]]) -> List[List[int]]:
+    """The teacher response of each prompt, from `read_teacher_responses`'s dict."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        key = tuple(int(t) for t in prompt)
+        if key not in responses:
+            raise KeyError(f"no teacher response for prompt {i} ({len(key)} tokens) in the file")
+        out.append(responses[key])
+    return out
