@@ -143,6 +143,9 @@ def _add_checkpoint_args(parser):
     g.add_argument("--load", help="resume from the latest checkpoint here (default: --save)")
     g.add_argument("--no-load-optim", action="store_true",
                    help="resume the model weights only (fresh optimiser and scheduler)")
+    g.add_argument("--exit-interval", type=int, default=0,
+                   help="save a checkpoint and exit when the iteration is a multiple of this "
+                        "(0: never); a later run with the same --save resumes")
 
 
 def _add_logging_args(parser):
@@ -186,6 +189,13 @@ def validate_args(args, world_size: int = 1):
     if args.micro_batch_size < 1 or args.samples_per_prompt < 1 or args.epochs_per_rollout < 1:
         raise ArgumentError("--micro-batch-size, --samples-per-prompt and --epochs-per-rollout "
                             "must be >= 1")
+    prefix_rows = args.prefix_samples_per_prompt if args.prefix_source != "none" else 0
+    rows_per_prompt = 1 if args.mode == "sft" else args.samples_per_prompt + prefix_rows
+    local_rows = args.prompts_per_iteration // dp * rows_per_prompt
+    if local_rows % args.micro_batch_size:
+        raise ArgumentError(f"--micro-batch-size {args.micro_batch_size} does not divide the "
+                            f"{local_rows} sequences per data-parallel rank and iteration "
+                            f"(prompts per rank x rows per prompt)")
     if args.max_new_tokens < 1:
         raise ArgumentError("--max-new-tokens must be >= 1")
     if args.temperature <= 0:
@@ -217,8 +227,9 @@ def validate_args(args, world_size: int = 1):
         raise ArgumentError("learning rates must satisfy 0 <= --min-lr <= --lr")
     if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.train_iters:
         raise ArgumentError("--lr-warmup-iters must be in [0, --train-iters]")
-    if args.save_interval < 0 or args.keep_last < 0 or args.log_interval < 1:
-        raise ArgumentError("--save-interval and --keep-last must be >= 0, --log-interval >= 1")
+    if args.save_interval < 0 or args.keep_last < 0 or args.log_interval < 1 or args.exit_interval < 0:
+        raise ArgumentError("--save-interval, --keep-last and --exit-interval must be >= 0, "
+                            "--log-interval >= 1")
     if args.bf16 and not _cuda_available():
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
     return dp

@@ -109,8 +109,12 @@ def train(args):
         run.iteration += 1
         logger.log(run.iteration, {**_reduce_over_data_parallel(batch_metrics), **metrics},
                    timings, run.scheduler)
-        if checkpointing.due(args, run.iteration):
+        exiting = bool(args.exit_interval) and run.iteration % args.exit_interval == 0
+        if checkpointing.due(args, run.iteration) or (exiting and args.save):
             timed(timings, "checkpoint", checkpointing.save, args, run)
+        if exiting and run.iteration < args.train_iters:
+            print_rank_0(f"exiting at iteration {run.iteration} (--exit-interval)")
+            break
     logger.close()
     print_rank_0(f"done: {run.iteration} iterations")
     run.history = logger.history

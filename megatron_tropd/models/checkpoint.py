@@ -78,7 +78,7 @@ def atomic_directory(target: str, overwrite: bool = False):
 
 def save_model(directory: str, model, arch: ModelArch, *, source_dir: str = None,
                iteration: int = 0, metadata: dict = None, overwrite: bool = False):
-    """Save this model (every rank's stage; collective) as a checkpoint directory.
+    """Save this model (every rank's stage; collective) as a checkpoint directory, atomically.
 
     Args:
         source_dir: a directory whose config.json and tokenizer files travel with the weights (an
@@ -87,28 +87,36 @@ def save_model(directory: str, model, arch: ModelArch, *, source_dir: str = None
         iteration: training iteration the weights belong to (0 for a converted model).
         metadata: more JSON-serialisable fields for megatron_tropd.json.
     """
+    with atomic_directory(directory, overwrite) as tmp:
+        write_model(tmp, model, arch, source_dir=source_dir, iteration=iteration,
+                    metadata=metadata)
+
+
+def write_model(directory: str, model, arch: ModelArch, *, source_dir: str = None,
+                iteration: int = 0, metadata: dict = None):
+    """Write the checkpoint files into an existing empty `directory` (collective); `save_model`
+    and the trainer's checkpoints wrap this in `atomic_directory`."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    with atomic_directory(directory, overwrite) as tmp:
-        if _rank() == 0:
-            if source_dir is not None:
-                shutil.copyfile(os.path.join(source_dir, "config.json"),
-                                os.path.join(tmp, "config.json"))
-                copy_companion_files(source_dir, tmp)
-            else:
-                write_json(os.path.join(tmp, "config.json"), arch.to_hf_config())
-            write_json(os.path.join(tmp, METADATA_FILE), {
-                "format_version": FORMAT_VERSION,
-                "iteration": iteration,
-                "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                "pipeline_model_parallel_size":
-                    parallel_state.get_pipeline_model_parallel_world_size(),
-                "params_dtype": str(model.config.params_dtype).removeprefix("torch."),
-                **(metadata or {}),
-            })
-            os.makedirs(os.path.join(tmp, WEIGHTS_DIR))
-        _barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, WEIGHTS_DIR))
+    if _rank() == 0:
+        if source_dir is not None:
+            shutil.copyfile(os.path.join(source_dir, "config.json"),
+                            os.path.join(directory, "config.json"))
+            copy_companion_files(source_dir, directory)
+        else:
+            write_json(os.path.join(directory, "config.json"), arch.to_hf_config())
+        write_json(os.path.join(directory, METADATA_FILE), {
+            "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size":
+                parallel_state.get_pipeline_model_parallel_world_size(),
+            "params_dtype": str(model.config.params_dtype).removeprefix("torch."),
+            **(metadata or {}),
+        })
+        os.makedirs(os.path.join(directory, WEIGHTS_DIR))
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), os.path.join(directory, WEIGHTS_DIR))
 
 
 def read_metadata(directory: str) -> dict:

@@ -55,6 +55,9 @@ class RolloutBatch:
         lp_S_old: `[B, T]` float32, log-prob of each student token under the sampling model's
             untempered, untruncated distribution, i.e. what a training-mode forward of the same
             weights gives (so the importance ratio starts at 1); 0 outside `student_mask`.
+        student_entropy: `[B, T]` float32, entropy of the sampling model's untempered distribution
+            at each student token (REOPOLD / Entropy-OPD rank tokens by it); 0 outside
+            `student_mask`.
         sample_ids: `[B]` global sample index of each row (prompt index * n_samples + sample).
     """
 
@@ -64,6 +67,7 @@ class RolloutBatch:
     context_width: int
     student_mask: torch.Tensor
     lp_S_old: torch.Tensor
+    student_entropy: torch.Tensor
     sample_ids: torch.Tensor
 
     def _columns(self):

@@ -106,6 +106,7 @@ def generate(
     prompt_lengths, prefix_lengths = prompt_lengths.to(device), prefix_lengths.to(device)
     student_mask = torch.zeros((n_rows, max_length), dtype=torch.bool, device=device)
     lp_S_old = torch.zeros((n_rows, max_length), dtype=torch.float32, device=device)
+    student_entropy = torch.zeros_like(lp_S_old)
     sample_ids = torch.arange(sample_offset, sample_offset + n_rows, device=device)
     stop_ids = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
     # A teacher prefix that ends in a stop id leaves the row nothing to sample.
@@ -126,14 +127,19 @@ def generate(
                 ids = vp.sample(logits, vocab_size, keys, params.temperature, params.top_k,
                                 params.top_p)
                 lp_S_old[:, column] = vp.token_log_probs(logits, ids, vocab_size)
+                student_entropy[:, column] = vp.entropy(logits, vocab_size)
             stage.broadcast_from_last(ids)
             tokens[:, column] = ids.masked_fill(done, pad_id)
             student_mask[:, column] = ~done
             done |= torch.isin(ids, stop_ids)
             steps += 1
     length = width + steps
-    new_lp = stage.broadcast_from_last(lp_S_old[:, width:length].contiguous())
-    lp_S_old[:, width:length] = new_lp.masked_fill(~student_mask[:, width:length], 0.0)
+    # the sampler's per-token statistics exist on the last stage: every stage gets them
+    stats = stage.broadcast_from_last(
+        torch.stack([lp_S_old[:, width:length], student_entropy[:, width:length]]).contiguous())
+    untrained = ~student_mask[:, width:length]
+    lp_S_old[:, width:length] = stats[0].masked_fill(untrained, 0.0)
+    student_entropy[:, width:length] = stats[1].masked_fill(untrained, 0.0)
     return RolloutBatch(
         tokens=tokens[:, :length].clone(),
         prompt_lengths=prompt_lengths,
@@ -141,6 +147,7 @@ def generate(
         context_width=width,
         student_mask=student_mask[:, :length].clone(),
         lp_S_old=lp_S_old[:, :length].clone(),
+        student_entropy=student_entropy[:, :length].clone(),
         sample_ids=sample_ids,
     )
 
