@@ -299,6 +299,10 @@ BAD_HF_INPUT = {
     "pp_not_dividing_layers": (
         "qwen2", None, None, ["--pp", "3"],
         "model: layers (4) are not divisible by pipeline-model-parallel size 3"),
+    "launch_smaller_than_layout": (
+        "qwen2", None, None, ["--tp", "2"],
+        "hf-to-megatron at TP=2 x PP=1 needs 2 process(es), this launch has 1: run it with "
+        "`torchrun --nproc-per-node 2 ...`"),
     "truncated_safetensors": (
         "qwen2", None, _truncate, [],
         "cannot read safetensors file {hf}/model.safetensors: Error while deserializing header: "
@@ -382,3 +386,19 @@ def test_command_line(converted, tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json",
                                        "model.safetensors", "tokenizer.json",
                                        "tokenizer_config.json"]
+
+
+def test_compare_tool_last_line(converted):
+    """tools/compare_hf_megatron.py on a checkpoint saved at TP=2 x PP=2, run as one process."""
+    root, _ = converted
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "compare_hf_megatron.py"),
+         "--hf-dir", os.path.join(root, "hf", "qwen2"),
+         "--megatron-dir", _ckpt(root, "qwen2", (2, 2)), "--seq-length", "32"],
+        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    values = dict(item.split("=") for item in last.split(" "))
+    assert sorted(values) == ["kl", "max_abs_logit_diff", "top1_agree"], last
+    assert float(values["max_abs_logit_diff"]) <= MAX_ABS_LOGIT_DIFF, last
+    assert float(values["kl"]) <= MAX_KL and float(values["top1_agree"]) == 1.0, last
