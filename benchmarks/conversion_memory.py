@@ -80,7 +80,8 @@ def main():
     args = parser.parse_args()
 
     shutil.rmtree(args.workdir, ignore_errors=True)
-    hf_dir, mcore_dir, out_dir = (os.path.join(args.workdir, d) for d in ("hf", "megatron", "export"))
+    hf_dir, mcore_dir, out_dir = (os.path.join(args.workdir, d)
+                                  for d in ("hf", "megatron", "export"))
     n_params = write_random_hf_model(hf_dir, qwen25_05b(args.layers))
     model_bytes = 4 * n_params
     print(f"model: {n_params / 1e6:.0f}M parameters, one float32 copy = {model_bytes / GIB:.2f} GiB")

@@ -360,7 +360,8 @@ def test_existing_output_dir_needs_overwrite(converted, tmp_path, capsys):
     status, err = _run_tool(["megatron-to-hf", "--megatron-dir", ckpt, "--output-dir", str(out)],
                             capsys)
     assert status == 1
-    assert err == f"error: output directory {out} exists and is not empty (use --overwrite to replace it)\n"
+    assert err == (f"error: output directory {out} exists and is not empty "
+                   "(use --overwrite to replace it)\n")
     assert os.listdir(out) == ["keep.txt"]
     status, err = _run_tool(["megatron-to-hf", "--megatron-dir", str(tmp_path),
                              "--output-dir", str(tmp_path / "new")], capsys)

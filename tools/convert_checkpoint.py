@@ -25,7 +25,8 @@ from megatron_tropd import cli  # noqa: E402
 
 def _parse_args(argv=None):
     parser = cli.argument_parser(__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-megatron,megatron-to-hf}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{hf-to-megatron,megatron-to-hf}")
 
     to_mcore = sub.add_parser(
         "hf-to-megatron", help="HF model directory -> Megatron checkpoint at a chosen TP/PP",
@@ -33,7 +34,8 @@ def _parse_args(argv=None):
                     "shards, tokenizer files) into a Megatron checkpoint. Run it on TP x PP "
                     "processes (torchrun --nproc-per-node TP*PP); each reads only its own part.")
     to_mcore.add_argument("--hf-dir", required=True, help="HF model directory to read")
-    to_mcore.add_argument("--output-dir", required=True, help="Megatron checkpoint directory to write")
+    to_mcore.add_argument("--output-dir", required=True,
+                          help="Megatron checkpoint directory to write")
     to_mcore.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N",
                           help="tensor-parallel size to convert at (default 1); must divide the "
                                "attention and key/value heads")
