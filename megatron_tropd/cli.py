@@ -1,6 +1,7 @@
 """What the command-line tools share: bad input reported as one line on stderr (no traceback),
 and process-group start-up that works under torchrun and as a plain single process."""
 
+import argparse
 import os
 import socket
 import sys
@@ -21,18 +22,27 @@ def run_main(main):
         sys.exit(1)
 
 
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help shows a tool's docstring: the first paragraph as the description,
+    the rest (the example commands) after the options."""
+    first, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(description=first, epilog=rest,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def world_size() -> int:
     """Processes in this launch (torchrun sets WORLD_SIZE; a plain python run is one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def require_world_size(expected: int, what: str):
-    if world_size() != expected:
-        raise ParallelConfigError(
-            f"{what} needs {expected} process(es), this launch has {world_size()}: run it with "
-            f"`torchrun --nproc-per-node {expected} ...`" if expected > 1 else
-            f"{what} runs in one process, this launch has {world_size()}: run it with plain python"
-        )
+    if world_size() == expected:
+        return
+    how = (f"`torchrun --nproc-per-node {expected} ...`" if expected > 1
+           else "plain python, not torchrun")
+    raise ParallelConfigError(
+        f"{what} needs {expected} process(es), this launch has {world_size()}: run it with {how}"
+    )
 
 
 def init_distributed(tp: int = 1, pp: int = 1):

@@ -5,8 +5,8 @@ HF -> Megatron runs on the TP x PP ranks of the target layout: each rank builds 
 stage, reads from the safetensors files just the tensors that stage holds, and the
 stages save together as one reshardable checkpoint. Megatron -> HF runs in one process: it loads
 the checkpoint (saved at any TP/PP) at TP=1/PP=1, turns each parameter into its HF tensors,
-hands them to the shard writer and frees the parameter, so memory never holds much more than one
-copy of the model.
+hands them to the shard writer and frees the parameter. Neither direction holds two copies of
+the model (docs/CONVERSION.md has the measured peak).
 
 Every input check runs before anything is built or written; failures are one-line
 `CheckpointError`/`ArchitectureError`s and leave no output directory behind.
@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
+from megatron_tropd.initialize import ParallelConfigError
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.builder import build_model, check_parallel_layout
 from megatron_tropd.models.checkpoint import (atomic_directory, check_output_dir, load_model,
@@ -49,6 +50,9 @@ class _GlobalMegatronView(Mapping):
         self.arch, self.weights = arch, weights
         self.mappings = {m.megatron: m for m in tensor_mappings(arch)}
 
+    def __contains__(self, name):  # Mapping's default would read the tensor to find out
+        return name in self.mappings
+
     def __getitem__(self, name):
         m = self.mappings[name]
         return m.to_megatron(self.arch, [self.weights.get(h) for h in m.hf])
@@ -72,7 +76,7 @@ def hf_to_megatron(hf_dir: str, output_dir: str, dtype: torch.dtype = torch.floa
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     if dist.get_world_size() != tp * pp:
-        raise CheckpointError(f"conversion runs on TP x PP = {tp * pp} processes, not "
+        raise ParallelConfigError(f"conversion runs on TP x PP = {tp * pp} processes, not "
                               f"{dist.get_world_size()} (no data-parallel replicas)")
     arch, weights = open_hf_model(hf_dir, tp, pp)
     check_output_dir(output_dir, overwrite)

@@ -10,6 +10,7 @@ built here from configs (no downloads; norm weights and biases perturbed so that
   converted at TP 1/2 x PP 1/2, and of checkpoints loaded at a layout other than the one they
   were saved at (the padded vocabulary is 384 rows at TP=1 and 512 at TP=2);
 - HF -> Megatron -> HF bit-exact on every tensor, key sets equal both ways, for every checkpoint;
+  the HF -> megatron mapping names exactly the parameters the model's stages hold;
 - bad input: a one-line error and no output directory.
 
 The four layouts run as four spawned runs (in an order that lets each load a checkpoint another
@@ -20,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,6 +113,7 @@ def _convert_load_evaluate(root, layout, loads_from, export):
     from megatron_tropd.models.builder import build_model
     from megatron_tropd.models.checkpoint import load_model
     from megatron_tropd.models.parity import forward_logits
+    from megatron_tropd.models.sharding import to_global_name
 
     tp = layout[0]
     jobs = []
@@ -120,7 +123,7 @@ def _convert_load_evaluate(root, layout, loads_from, export):
             jobs.append((family, layout))
             if loads_from is not None and _fits(family, loads_from[0]):
                 jobs.append((family, loads_from))
-    logits = {}
+    logits, params = {}, {}
     for family, saved_at in jobs:
         ckpt = _ckpt(root, family, saved_at)
         arch = ModelArch.from_file(ckpt)
@@ -129,6 +132,8 @@ def _convert_load_evaluate(root, layout, loads_from, export):
         out = forward_logits(model, TOKENS, arch.vocab_size)
         if out is not None and ps.get_tensor_model_parallel_rank() == 0:
             logits[(family, saved_at, layout)] = out
+        params[(family, layout)] = {to_global_name(model, n) for n, _ in model.named_parameters()
+                                    if n != "output_layer.weight" or not arch.tie_word_embeddings}
     if export:
         megatron_root = os.path.join(root, "megatron")
         for name in sorted(os.listdir(megatron_root)):
@@ -137,30 +142,33 @@ def _convert_load_evaluate(root, layout, loads_from, export):
         bf16 = os.path.join(root, "bf16")
         hf_to_megatron(os.path.join(root, "hf", "llama"), bf16, dtype=torch.bfloat16)
         megatron_to_hf(bf16, os.path.join(root, "export", "llama_bf16"))
-    return logits
+    return logits, params
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Every conversion and evaluation: {(family, saved_at, loaded_at): logits} and the root."""
+    """Every conversion and evaluation: the root directory, logits by (family, saved_at,
+    loaded_at), and the global names of the parameters all ranks hold by (family, layout)."""
     root = str(tmp_path_factory.mktemp("conversion"))
     for i, family in enumerate(FAMILIES):
         _make_hf_model(os.path.join(root, "hf", family), family, seed=i)
-    logits = {}
+    logits, params = {}, {}
     for layout, loads_from in LAYOUTS:
         tp, pp = layout
         ranks = run_distributed(_convert_load_evaluate, world_size=tp * pp, tp=tp, pp=pp,
                                 args=(root, layout, loads_from, layout == (1, 1)))
-        for rank_logits in ranks:
+        for rank_logits, rank_params in ranks:
             logits.update(rank_logits)
-    return root, logits
+            for key, names in rank_params.items():
+                params.setdefault(key, set()).update(names)
+    return SimpleNamespace(root=root, logits=logits, params=params)
 
 
 @pytest.fixture(scope="module")
 def reference_logits(converted):
     from megatron_tropd.models.parity import hf_logits
 
-    root, _ = converted
+    root = converted.root
     return {f: hf_logits(os.path.join(root, "hf", f), TOKENS) for f in FAMILIES}
 
 
@@ -178,7 +186,7 @@ CASES = [(f, saved_at, loaded_at)
 def test_parity_with_transformers(converted, reference_logits, family, saved_at, loaded_at):
     from megatron_tropd.models.parity import format_parity, logit_parity
 
-    _, logits = converted
+    logits = converted.logits
     parity = logit_parity(reference_logits[family], logits[(family, saved_at, loaded_at)])
     print(f"{family} saved {saved_at} loaded {loaded_at}: {format_parity(parity)}")
     assert parity["max_abs_logit_diff"] <= MAX_ABS_LOGIT_DIFF, parity
@@ -200,7 +208,7 @@ ROUND_TRIPS = [(f, layout) for layout, _ in LAYOUTS for f in FAMILIES if _fits(f
 @pytest.mark.parametrize("family,layout", ROUND_TRIPS,
                          ids=[f"{f}-tp{l[0]}pp{l[1]}" for f, l in ROUND_TRIPS])
 def test_round_trip_is_bit_exact(converted, family, layout):
-    root, _ = converted
+    root = converted.root
     name = os.path.basename(_ckpt(root, family, layout))
     exported, original = (_hf_tensors(os.path.join(root, "export", name)),
                           _hf_tensors(os.path.join(root, "hf", family)))
@@ -212,6 +220,18 @@ def test_round_trip_is_bit_exact(converted, family, layout):
     assert ("lm_head.weight" in exported) == (not tied)
 
 
+@pytest.mark.parametrize("family,layout", ROUND_TRIPS,
+                         ids=[f"{f}-tp{l[0]}pp{l[1]}" for f, l in ROUND_TRIPS])
+def test_megatron_key_sets_match(converted, family, layout):
+    """The mapping names exactly the parameters the model's stages hold together (no tensor
+    left unfilled, none converted for nothing)."""
+    from megatron_tropd.models.arch import ModelArch
+    from megatron_tropd.models.hf_mapping import tensor_mappings
+
+    arch = ModelArch.from_file(os.path.join(converted.root, "hf", family))
+    assert converted.params[(family, layout)] == {m.megatron for m in tensor_mappings(arch)}
+
+
 def test_export_loads_in_transformers_with_tokenizer(converted, reference_logits):
     """The exported directory is a complete HF model: transformers loads the weights, the config
     and the tokenizer, and computes the original's logits exactly."""
@@ -219,7 +239,7 @@ def test_export_loads_in_transformers_with_tokenizer(converted, reference_logits
 
     from megatron_tropd.models.parity import hf_logits
 
-    root, _ = converted
+    root = converted.root
     for family, layout in [("qwen2", (2, 2)), ("llama", (1, 2))]:
         exported = os.path.join(root, "export", os.path.basename(_ckpt(root, family, layout)))
         assert torch.equal(hf_logits(exported, TOKENS), reference_logits[family]), family
@@ -232,7 +252,7 @@ def test_export_loads_in_transformers_with_tokenizer(converted, reference_logits
 
 
 def test_bfloat16_conversion(converted):
-    root, _ = converted
+    root = converted.root
     exported = _hf_tensors(os.path.join(root, "export", "llama_bf16"))
     original = _hf_tensors(os.path.join(root, "hf", "llama"))
     assert sorted(exported) == sorted(original)
@@ -299,6 +319,10 @@ BAD_HF_INPUT = {
     "pp_not_dividing_layers": (
         "qwen2", None, None, ["--pp", "3"],
         "model: layers (4) are not divisible by pipeline-model-parallel size 3"),
+    "launch_smaller_than_layout": (
+        "qwen2", None, None, ["--tp", "2"],
+        "hf-to-megatron at TP=2 x PP=1 needs 2 process(es), this launch has 1: run it with "
+        "`torchrun --nproc-per-node 2 ...`"),
     "truncated_safetensors": (
         "qwen2", None, _truncate, [],
         "cannot read safetensors file {hf}/model.safetensors: Error while deserializing header: "
@@ -316,7 +340,7 @@ BAD_HF_INPUT = {
 
 @pytest.mark.parametrize("case", sorted(BAD_HF_INPUT))
 def test_bad_hf_input_one_line_error_and_no_output(converted, tmp_path, capsys, case):
-    root, _ = converted
+    root = converted.root
     family, edit_config, edit_files, extra_args, message = BAD_HF_INPUT[case]
     hf_dir = _copy_model(os.path.join(root, "hf", family), str(tmp_path / "hf"), edit_config)
     fields = edit_files(hf_dir) if edit_files else {}
@@ -328,7 +352,7 @@ def test_bad_hf_input_one_line_error_and_no_output(converted, tmp_path, capsys, 
 
 
 def test_existing_output_dir_needs_overwrite(converted, tmp_path, capsys):
-    root, _ = converted
+    root = converted.root
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -336,7 +360,8 @@ def test_existing_output_dir_needs_overwrite(converted, tmp_path, capsys):
     status, err = _run_tool(["megatron-to-hf", "--megatron-dir", ckpt, "--output-dir", str(out)],
                             capsys)
     assert status == 1
-    assert err == f"error: output directory {out} exists and is not empty (use --overwrite to replace it)\n"
+    assert err == (f"error: output directory {out} exists and is not empty "
+                   "(use --overwrite to replace it)\n")
     assert os.listdir(out) == ["keep.txt"]
     status, err = _run_tool(["megatron-to-hf", "--megatron-dir", str(tmp_path),
                              "--output-dir", str(tmp_path / "new")], capsys)
@@ -359,7 +384,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_command_line(converted, tmp_path):
     """A real process: --help for a new user, a one-line error without traceback, and an
     export with --overwrite."""
-    root, _ = converted
+    root = converted.root
     tool = os.path.join(REPO, "tools", "convert_checkpoint.py")
     env = dict(os.environ, PYTHONPATH=REPO)
     help_text = subprocess.run([sys.executable, tool, "hf-to-megatron", "--help"], env=env,
@@ -382,3 +407,19 @@ def test_command_line(converted, tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json",
                                        "model.safetensors", "tokenizer.json",
                                        "tokenizer_config.json"]
+
+
+def test_compare_tool_last_line(converted):
+    """tools/compare_hf_megatron.py on a checkpoint saved at TP=2 x PP=2, run as one process."""
+    root = converted.root
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "compare_hf_megatron.py"),
+         "--hf-dir", os.path.join(root, "hf", "qwen2"),
+         "--megatron-dir", _ckpt(root, "qwen2", (2, 2)), "--seq-length", "32"],
+        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    values = dict(item.split("=") for item in last.split(" "))
+    assert sorted(values) == ["kl", "max_abs_logit_diff", "top1_agree"], last
+    assert float(values["max_abs_logit_diff"]) <= MAX_ABS_LOGIT_DIFF, last
+    assert float(values["kl"]) <= MAX_KL and float(values["top1_agree"]) == 1.0, last

@@ -1,18 +1,15 @@
-"""Check a Megatron checkpoint against the HF model it came from (or went to): run the HF model
-with transformers and the checkpoint with our model builder, at the TP/PP you give, on the same
-random token ids, and print how far the logits are apart. The last line is
+"""Compare a Megatron checkpoint with an HF model on the same random token ids: transformers runs
+the HF model, our model builder runs the checkpoint at the TP/PP you give, and the last line printed
+is `max_abs_logit_diff=<x> kl=<y> top1_agree=<z>`.
 
-    max_abs_logit_diff=<x> kl=<y> top1_agree=<z>
-
-(KL(HF || Megatron) per position, averaged). Judge by the first two: top-1 agreement survives
-some layout bugs.
+kl is KL(HF || Megatron) per position, averaged. Judge by the first two numbers: top-1 agreement
+survives some layout bugs (a model with gate and up swapped agrees on every top-1 token).
 
     python tools/compare_hf_megatron.py --hf-dir Qwen3-1.7B --megatron-dir ckpt/student
     torchrun --nproc-per-node 4 tools/compare_hf_megatron.py --hf-dir Qwen3-1.7B \\
         --megatron-dir ckpt/student --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
 """
 
-import argparse
 import os
 import sys
 
@@ -22,21 +19,19 @@ from megatron_tropd import cli  # noqa: E402
 
 
 def _parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.argument_parser(__doc__)
     parser.add_argument("--hf-dir", required=True, help="HF model directory")
     parser.add_argument("--megatron-dir", required=True, help="Megatron checkpoint directory")
-    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1)
+    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N",
+                        help="tensor-parallel size to run the Megatron model at (default 1)")
+    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, metavar="N",
+                        help="pipeline-parallel size (default 1); run on TP x PP processes")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="dtype both models run in (default: the checkpoint's)")
     parser.add_argument("--transformer-engine", action="store_true",
                         help="build the Megatron model with the TransformerEngine layer spec (GPU)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences (default 2)")
+    parser.add_argument("--seq-length", type=int, default=64, help="tokens each (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     return parser.parse_args(argv)
 

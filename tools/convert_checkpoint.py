@@ -15,7 +15,6 @@ the trainer):
         --output-dir student-hf --dtype bfloat16
 """
 
-import argparse
 import os
 import sys
 
@@ -25,12 +24,9 @@ from megatron_tropd import cli  # noqa: E402
 
 
 def _parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-megatron,megatron-to-hf}")
+    parser = cli.argument_parser(__doc__)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{hf-to-megatron,megatron-to-hf}")
 
     to_mcore = sub.add_parser(
         "hf-to-megatron", help="HF model directory -> Megatron checkpoint at a chosen TP/PP",
@@ -38,11 +34,12 @@ def _parse_args(argv=None):
                     "shards, tokenizer files) into a Megatron checkpoint. Run it on TP x PP "
                     "processes (torchrun --nproc-per-node TP*PP); each reads only its own part.")
     to_mcore.add_argument("--hf-dir", required=True, help="HF model directory to read")
-    to_mcore.add_argument("--output-dir", required=True, help="Megatron checkpoint directory to write")
-    to_mcore.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1,
+    to_mcore.add_argument("--output-dir", required=True,
+                          help="Megatron checkpoint directory to write")
+    to_mcore.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N",
                           help="tensor-parallel size to convert at (default 1); must divide the "
                                "attention and key/value heads")
-    to_mcore.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1,
+    to_mcore.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, metavar="N",
                           help="pipeline-parallel size (default 1); must divide the layers")
     to_mcore.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                           help="dtype of the Megatron weights (default float32)")

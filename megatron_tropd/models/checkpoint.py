@@ -3,7 +3,7 @@ exporter reads.
 
     <dir>/config.json           HF config: `ModelArch.from_file(<dir>)` rebuilds the model
     <dir>/tokenizer files       as the HF model had them (`hf_checkpoint.COMPANION_FILES`)
-    <dir>/megatron_tropd.json   metadata: format version, iteration, the TP/PP and dtype it was saved at
+    <dir>/megatron_tropd.json   format version, iteration, the TP/PP and dtype it was saved at
     <dir>/model/                megatron-core `dist_checkpointing` of `model.sharded_state_dict()`
 
 The weights are reshardable: a checkpoint saved at one TP/PP loads at any other. The padded
@@ -142,7 +142,10 @@ def load_model(directory: str, model) -> dict:
     from megatron.core import dist_checkpointing
 
     meta = read_metadata(directory)
-    state = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(directory, WEIGHTS_DIR))
+    weights = os.path.join(directory, WEIGHTS_DIR)
+    if not dist_checkpointing.check_is_distributed_checkpoint(weights):
+        raise CheckpointError(f"{weights} is not a megatron-core distributed checkpoint")
+    state = dist_checkpointing.load(model.sharded_state_dict(), weights)
     model.load_state_dict(state)
     return meta
 
