@@ -25,6 +25,11 @@ setup(
         "tqdm",
         "psutil",
     ],
+    entry_points={
+        "console_scripts": [
+            "megatron-tropd-train = megatron_tropd.training:main",
+        ],
+    },
     extras_require={
         "dev": ["pytest"],
         "gpu": ["transformer-engine[pytorch]"],

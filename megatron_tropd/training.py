@@ -104,7 +104,8 @@ def train(args):
             signals = timed(timings, "teacher", teacher_score, run.teacher, rollout,
                             run.vocab_size, args.teacher_topk, run.needs.teacher_full,
                             args.micro_batch_size)
-            batch = distill_batch(args, run, rollout, signals, step)
+            batch, teacher_metrics = distill_batch(args, run, rollout, signals, step)
+            batch_metrics.update(teacher_metrics)
         metrics = timed(timings, "train", update, args, run, batch)
         run.iteration += 1
         logger.log(run.iteration, {**_reduce_over_data_parallel(batch_metrics), **metrics},
@@ -154,7 +155,11 @@ def rollouts(args, run, step):
     batch = generate(run.model, row_prompts, params, run.vocab_size, prefixes=prefixes,
                      sample_offset=first_prompt * rows_per_prompt, pad_id=run.pad_id)
     response_lengths = batch.student_mask.sum(1).float()
-    metrics = {"response_length": (response_lengths.sum(), torch.tensor(float(len(row_prompts))))}
+    metrics = {
+        "response_length": (response_lengths.sum(), torch.tensor(float(len(row_prompts)))),
+        "entropy_student": (batch.student_entropy[batch.student_mask].sum(),
+                            batch.student_mask.sum().float()),
+    }
     if _prefix_rows(args):
         metrics["prefix_alpha"] = (torch.tensor(prefix_schedule.prefix_fraction(
             step, args.prefix_anneal_steps)), torch.tensor(1.0))
@@ -165,13 +170,16 @@ def _prefix_rows(args) -> int:
     return args.prefix_samples_per_prompt if args.prefix_source != "none" else 0
 
 
-def distill_batch(args, run, rollout, signals, step) -> TrainBatch:
-    """The update's inputs: rollout tokens plus, on the last stage, every per-token loss input."""
+def distill_batch(args, run, rollout, signals, step):
+    """The update's inputs: rollout tokens plus, on the last stage, every per-token loss input
+    (and the teacher's mean entropy as a metric)."""
     from megatron.core import parallel_state
 
-    fields = {}
+    fields, metrics = {}, {}
     if parallel_state.is_pipeline_last_stage():
         needs = run.needs
+        metrics["entropy_teacher"] = (signals.entropy[rollout.student_mask].sum(),
+                                      rollout.student_mask.sum().float())
         fields = dict(old_logprobs=rollout.lp_S_old, teacher_logprobs=signals.token_log_probs,
                       on_policy=rollout.student_mask, prefix=rollout.prefix_mask)
         if needs.uniform:
@@ -192,7 +200,8 @@ def distill_batch(args, run, rollout, signals, step) -> TrainBatch:
             fields["selected"] = top_fraction_mask(scores, rollout.student_mask,
                                                    selection_fraction(run.config),
                                                    parallel_state.get_data_parallel_group())
-    return TrainBatch(rollout.tokens, rollout.response_mask, rollout.attention_mask(), fields)
+    batch = TrainBatch(rollout.tokens, rollout.response_mask, rollout.attention_mask(), fields)
+    return batch, metrics
 
 
 # --- SFT batches --------------------------------------------------------------------------------

@@ -162,8 +162,10 @@ def _common_metrics(x: TokenInputs, metrics: _Metrics):
     if x.teacher_topk_logprobs is not None:
         metrics.add("teacher_topk_mass", x.teacher_topk_logprobs.exp().sum(-1), on)
         metrics.add("student_mass_on_teacher_topk", x.student_topk_logprobs.exp().sum(-1), on)
-    if x.teacher_entropy is not None:
-        metrics.add("entropy_teacher", x.teacher_entropy, on)
+        metrics.add("topk_forward_kl", topk_forward_kl_terms(x.teacher_topk_logprobs,
+                                                             x.student_topk_logprobs), on)
+    if x.reverse_kl is not None:
+        metrics.add("full_reverse_kl", x.reverse_kl, on)
 
 
 def _masked(loss, mask):

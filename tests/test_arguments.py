@@ -1,0 +1,70 @@
+"""validate_args: each bad flag combination is one clear line, before anything is built."""
+
+import pytest
+
+from megatron_tropd.arguments import ArgumentError, parse_args, validate_args
+
+
+@pytest.fixture
+def files(tmp_path):
+    for name in ("prompts.jsonl", "tok.model", "responses.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    for name in ("student", "teacher"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def _args(files, *extra):
+    return parse_args([
+        "--student-load", str(files / "student"), "--teacher-load", str(files / "teacher"),
+        "--prompts", str(files / "prompts.jsonl"), "--tokenizer", str(files / "tok.model"),
+        "--train-iters", "10", "--prompts-per-iteration", "4", "--samples-per-prompt", "2",
+        "--micro-batch-size", "2", *extra])
+
+
+def test_good_flags_pass_and_give_the_data_parallel_size(files):
+    assert validate_args(_args(files), world_size=4) == 4
+    assert validate_args(_args(files, "--tensor-model-parallel-size", "2"), world_size=4) == 2
+
+
+@pytest.mark.parametrize("extra,world,message", [
+    (("--tensor-model-parallel-size", "3"), 4,
+     "world size 4 is not divisible by tensor-model-parallel size 3 x pipeline-model-parallel size 1"),
+    (("--prompts-per-iteration", "3"), 2,
+     "--prompts-per-iteration 3 is not divisible by the data-parallel size 2"),
+    (("--micro-batch-size", "3"), 1,
+     "--micro-batch-size 3 does not divide the 8 sequences per data-parallel rank and iteration "
+     "(prompts per rank x rows per prompt)"),
+    (("--temperature", "0"), 1, "--temperature must be > 0 for on-policy sampling (log-probs of "
+                                "the sampler are needed)"),
+    (("--top-p", "1.5"), 1, "--top-p must be in (0, 1] and --top-k >= 0"),
+    (("--clip-lambda", "1"), 1, "--clip-lambda must be in (0, 1)"),
+    (("--jsd-beta", "2"), 1, "--jsd-beta must be in [0, 1]"),
+    (("--ppo-clip", "1.5"), 1, "--ppo-clip must be in (0, 1)"),
+    (("--distill-method", "eopd", "--eopd-topk", "100"), 1, "--eopd-topk 100 exceeds --teacher-topk 64"),
+    (("--distill-method", "opd", "--prefix-source", "online"), 1,
+     "--prefix-source (teacher-prefix guidance) is part of --distill-method tropd only"),
+    (("--prefix-source", "offline"), 1, "--prefix-source offline needs --teacher-responses"),
+    (("--min-lr", "1", "--lr", "0.1"), 1, "learning rates must satisfy 0 <= --min-lr <= --lr"),
+    (("--lr-warmup-iters", "11"), 1, "--lr-warmup-iters must be in [0, --train-iters]"),
+    (("--train-iters", "0"), 1, "--train-iters must be >= 1"),
+    (("--reopold-fraction", "0"), 1, "--reopold-fraction must be in (0, 1]"),
+    (("--bf16",), 1, "--bf16 needs a GPU (CPU runs are fp32)"),
+])
+def test_bad_flag_combinations(files, extra, world, message):
+    with pytest.raises(ArgumentError) as e:
+        validate_args(_args(files, *extra), world_size=world)
+    assert str(e.value) == message
+
+
+def test_missing_inputs(files):
+    args = _args(files, "--prompts", str(files / "nope.jsonl"))
+    with pytest.raises(ArgumentError, match=r"^--prompts .*nope.jsonl does not exist$"):
+        validate_args(args)
+    args = _args(files, "--student-config", str(files / "prompts.jsonl"))
+    with pytest.raises(ArgumentError, match="^give exactly one of --student-load and --student-config$"):
+        validate_args(args)
+    args = parse_args(["--student-load", str(files / "student"), "--train-iters", "1",
+                       "--teacher-load", str(files / "teacher")])
+    with pytest.raises(ArgumentError, match="^--mode distill needs --prompts$"):
+        validate_args(args)
