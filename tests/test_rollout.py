@@ -197,11 +197,41 @@ def check_offline_teacher_responses_tool(ctx):
     assert [len(r) for r in online] == [NEW_TOKENS] * len(PROMPTS)
 
 
+def check_samples_independent_of_data_parallel_split(ctx):
+    """Rows keep their samples when the prompts are split over two calls (two data-parallel
+    ranks) with the matching `sample_offset`."""
+    from megatron_tropd.rollout.generate import generate
+
+    params = _sampled()[0]
+    whole = ctx["sampled"][0]
+    n = params.n_samples
+    for first, last in ((0, 2), (2, 4)):
+        part = generate(ctx["student"], PROMPTS[first:last], params, VOCAB, sample_offset=first * n)
+        for row in range(part.tokens.shape[0]):
+            assert whole.responses()[first * n + row] == part.responses()[row]
+
+
+def check_other_families_cache_equals_recompute(ctx):
+    """Qwen2 (QKV bias) and Qwen3 (q/k norms, tied embeddings): the cached forward composes the
+    layers itself, so it must match megatron's forward for them too."""
+    from megatron_tropd.models.builder import build_model
+
+    for family, tied in (("qwen2", False), ("qwen3", True)):
+        model = build_model(dataclasses.replace(ARCH, family=family, tie_word_embeddings=tied))
+        cached = _generate(model, _greedy())
+        assert torch.equal(cached.tokens, _generate(model, _greedy(), use_kv_cache=False).tokens)
+        sampled = _generate(model, _sampled()[0])
+        torch.testing.assert_close(
+            sampled.lp_S_old, _generate(model, _sampled()[0], use_kv_cache=False).lp_S_old,
+            rtol=0, atol=LP_TOL)
+
+
 REFERENCE_CHECKS = [
     check_kv_cache_equals_recompute, check_lp_old_equals_training_forward,
     check_stop_ids_end_rows, check_teacher_prefix_continuation,
     check_prefix_ending_in_stop_samples_nothing, check_generation_errors,
     check_teacher_signals_at_tp1, check_offline_teacher_responses_tool,
+    check_samples_independent_of_data_parallel_split, check_other_families_cache_equals_recompute,
 ]
 
 
@@ -302,7 +332,8 @@ def check_teacher_signals_match_full_vocab(ctx):
 
 
 LAYOUT_CHECKS = [check_greedy_matches_reference, check_sampled_matches_reference,
-                 check_lp_old_equals_training_forward_tp, check_teacher_signals_match_full_vocab]
+                 check_lp_old_equals_training_forward_tp, check_teacher_signals_match_full_vocab,
+                 check_other_families_cache_equals_recompute]
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2), "tp4": (4, 1)}
 
 

@@ -2,8 +2,8 @@
 
 Prompts of different lengths are left-padded (layout in `rollout.batch`); each step samples one
 token per row from the vocabulary-sharded logits of the last pipeline stage through
-`ops.vocab_parallel.sample` (no logits are gathered), with a KV cache (megatron-core's
-`StaticInferenceContext`) or, for reference, a full recompute of the sequence at every step.
+`ops.vocab_parallel.sample` (no logits are gathered), with a KV cache (`rollout.kv_cache`) or,
+for reference, megatron's own forward of the whole sequence at every step.
 
 Random draws are keyed by (seed, global sample index, response position), so the same prompts give
 the same samples at any tensor-, pipeline- or data-parallel layout. Works for the student and, for
@@ -21,6 +21,7 @@ import torch
 
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout.batch import RolloutBatch, causal_padding_mask
+from megatron_tropd.rollout.kv_cache import KVCache
 from megatron_tropd.rollout.stage import GenerationStage
 
 
@@ -112,12 +113,13 @@ def generate(
     done = (prefix_lengths > 0) & torch.isin(tokens[:, width - 1], stop_ids)
 
     stage = GenerationStage(model, max_length)
-    kv_cache = _kv_cache(n_rows, max_length) if use_kv_cache else None
+    kv_cache = KVCache(model, n_rows, max_length, stage.rope) if use_kv_cache else None
     steps = 0
-    with _eval_mode(model), torch.inference_mode():
+    fast_path = _without_cuda_to_cpu_mode() if kv_cache is not None else contextlib.nullcontext()
+    with _eval_mode(model), torch.inference_mode(), fast_path:
         while steps < params.max_new_tokens and not done.all():
             column = width + steps
-            start = column - 1 if kv_cache is not None and steps > 0 else 0
+            start = kv_cache.position if kv_cache is not None else 0
             mask = causal_padding_mask(padding, start, column - start)
             logits = stage.forward(tokens[:, start:column], mask, kv_cache)
             ids = torch.empty(n_rows, dtype=torch.long, device=device)
@@ -179,10 +181,17 @@ def _check(contexts, params, vocab_size, max_sequence_length):
         )
 
 
-def _kv_cache(n_rows: int, max_length: int):
-    from megatron.core.inference.contexts import StaticInferenceContext
+def _without_cuda_to_cpu_mode():
+    """On a CPU host, generation with the KV cache runs without the CPU compatibility layer's
+    TorchFunctionMode, which sends every torch call through Python (about 11% of a decode step of
+    the benchmark model). That path allocates nothing on a CUDA device (the KV cache is built
+    outside it; megatron's core attention, which takes a buffer on the current CUDA device, is not
+    called), so the mode has nothing to do there; a megatron-core change that did allocate would
+    fail loudly ("Torch not compiled with CUDA"), not silently. megatron's full forward (no KV
+    cache) keeps the mode."""
+    from megatron_tropd import cpu_compat
 
-    return StaticInferenceContext(max_batch_size=n_rows, max_sequence_length=max_length)
+    return torch._C.DisableTorchFunction() if cpu_compat.is_enabled() else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

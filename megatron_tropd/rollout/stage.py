@@ -40,20 +40,20 @@ class GenerationStage:
         self.hidden_shape = (config.hidden_size,)
         self.dtype = config.params_dtype
         self.device = next(model.parameters()).device
-        # RoPE angles of positions 0..max_length-1, computed once: the static KV cache slices the
-        # rows of the current step from this table, a full recompute uses its first rows.
+        # RoPE angles of positions 0..max_length-1, computed once: the KV cache takes the rows of
+        # the current step from this table, a full recompute its first rows.
         self.rope = model.rotary_pos_emb(max_length)
         tied = self.is_last and model.share_embeddings_and_output_weights
         self.output_weight = model.shared_embedding_or_output_weight() if tied else None
 
-    def forward(self, tokens, attention_mask, context=None):
-        """Run this stage on `tokens [B, s]` (columns from `context.sequence_len_offset` on with a
-        KV cache, from column 0 without one).
+    def forward(self, tokens, attention_mask, kv_cache=None):
+        """Run this stage on `tokens [B, s]` (columns from `kv_cache.position` on with a KV cache,
+        from column 0 without one).
 
         Args:
             attention_mask: `[B, 1, s, keys]` bool, True = masked (see `batch.causal_padding_mask`).
-            context: megatron's `StaticInferenceContext` holding the KV cache, or None for a full
-                forward of the sequence so far.
+            kv_cache: the `KVCache` of this generation, or None for megatron's own forward of the
+                whole sequence so far (what training computes).
         Returns: logits shard of the last position `[B, V/tp]` on the last stage, None elsewhere.
         """
         batch, length = tokens.shape
@@ -64,15 +64,13 @@ class GenerationStage:
             hidden = torch.empty((length, batch) + self.hidden_shape, dtype=self.dtype,
                                  device=self.device)
             dist.recv(hidden, src=self.prev_rank)
-            self.model.decoder.set_input_tensor(hidden)
-        hidden = self.model.decoder(
-            hidden_states=hidden,
-            attention_mask=attention_mask,
-            inference_context=context,
-            rotary_pos_emb=self.rope if context is not None else self.rope[:length],
-        )
-        if context is not None:
-            context.increment_sequence_len_offset(length)
+        if kv_cache is None:
+            if not self.is_first:  # megatron's decoder reads a later stage's input from here
+                self.model.decoder.set_input_tensor(hidden)
+            hidden = self.model.decoder(hidden_states=hidden, attention_mask=attention_mask,
+                                        rotary_pos_emb=self.rope[:length])
+        else:
+            hidden = kv_cache.decoder_forward(self.model.decoder, hidden, attention_mask)
         if not self.is_last:
             dist.send(hidden.contiguous(), dst=self.next_rank)
             return None
