@@ -94,16 +94,10 @@ def generate(
     """
     contexts, prompt_lengths, prefix_lengths = _rows(prompts, prefixes, params.n_samples)
     _check(contexts, params, vocab_size, model.max_sequence_length)
-    n_rows = len(contexts)
-    width = max(len(c) for c in contexts)
-    max_length = width + params.max_new_tokens
     device = next(model.parameters()).device
-    tokens = torch.full((n_rows, max_length), pad_id, dtype=torch.long)
-    padding = torch.zeros((n_rows, max_length), dtype=torch.bool)
-    for row, context in enumerate(contexts):
-        tokens[row, width - len(context):width] = torch.tensor(context, dtype=torch.long)
-        padding[row, :width - len(context)] = True
-    tokens, padding = tokens.to(device), padding.to(device)
+    n_rows, width = len(contexts), max(len(c) for c in contexts)
+    max_length = width + params.max_new_tokens
+    tokens, padding = _left_padded(contexts, width, max_length, pad_id, device)
     prompt_lengths, prefix_lengths = prompt_lengths.to(device), prefix_lengths.to(device)
     student_mask = torch.zeros((n_rows, max_length), dtype=torch.bool, device=device)
     lp_S_old = torch.zeros((n_rows, max_length), dtype=torch.float32, device=device)
@@ -114,8 +108,8 @@ def generate(
 
     stage = GenerationStage(model, max_length)
     kv_cache = KVCache(model, n_rows, max_length, stage.rope) if use_kv_cache else None
-    steps = 0
     fast_path = _without_cuda_to_cpu_mode() if kv_cache is not None else contextlib.nullcontext()
+    steps = 0
     with _eval_mode(model), torch.inference_mode(), fast_path:
         while steps < params.max_new_tokens and not done.all():
             column = width + steps
@@ -124,7 +118,8 @@ def generate(
             logits = stage.forward(tokens[:, start:column], mask, kv_cache)
             ids = torch.empty(n_rows, dtype=torch.long, device=device)
             if stage.is_last:
-                keys = vp.sampling_keys(params.seed, sample_ids, prefix_lengths + steps)
+                keys = (vp.sampling_keys(params.seed, sample_ids, prefix_lengths + steps)
+                        if params.temperature > 0 else None)
                 ids = vp.sample(logits, vocab_size, keys, params.temperature, params.top_k,
                                 params.top_p)
                 lp_S_old[:, column] = vp.token_log_probs(logits, ids, vocab_size)
@@ -134,6 +129,7 @@ def generate(
             done |= torch.isin(ids, stop_ids)
             steps += 1
     length = width + steps
+    # Only the last stage computed log-probs; rows stopped earlier hold none.
     new_lp = stage.broadcast_from_last(lp_S_old[:, width:length].contiguous())
     lp_S_old[:, width:length] = new_lp.masked_fill(~student_mask[:, width:length], 0.0)
     return RolloutBatch(
@@ -164,6 +160,17 @@ def _rows(prompts, prefixes, n_samples):
         prompt_lengths += [len(prompt)] * n_samples
         prefix_lengths += [len(prefix)] * n_samples
     return contexts, torch.tensor(prompt_lengths), torch.tensor(prefix_lengths)
+
+
+def _left_padded(contexts, width, max_length, pad_id, device):
+    """Token buffer `[B, max_length]` with each context ending at column `width`, and the mask of
+    its left padding."""
+    tokens = torch.full((len(contexts), max_length), pad_id, dtype=torch.long)
+    padding = torch.zeros((len(contexts), max_length), dtype=torch.bool)
+    for row, context in enumerate(contexts):
+        tokens[row, width - len(context):width] = torch.tensor(context, dtype=torch.long)
+        padding[row, :width - len(context)] = True
+    return tokens.to(device), padding.to(device)
 
 
 def _check(contexts, params, vocab_size, max_sequence_length):
