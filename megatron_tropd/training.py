@@ -153,7 +153,8 @@ def rollouts(args, run, step):
                             max_new_tokens=args.max_new_tokens, stop_ids=run.stop_ids,
                             n_samples=1, seed=args.seed)
     batch = generate(run.model, row_prompts, params, run.vocab_size, prefixes=prefixes,
-                     sample_offset=first_prompt * rows_per_prompt, pad_id=run.pad_id)
+                     sample_offset=first_prompt * rows_per_prompt, pad_id=run.pad_id,
+                     record_entropy=True)
     response_lengths = batch.student_mask.sum(1).float()
     metrics = {
         "response_length": (response_lengths.sum(), torch.tensor(float(len(row_prompts)))),

@@ -165,12 +165,16 @@ def check_teacher_signals_at_tp1(ctx):
 
 
 def check_offline_teacher_responses_tool(ctx):
-    """tools/generate_teacher_responses.py writes the teacher's greedy responses."""
+    """tools/generate_teacher_responses.py, at this spawn's layout (data parallelism included),
+    writes the responses the teacher samples online in one call."""
     import importlib.util
     import json
     import os
-    import tempfile
 
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_tropd.rollout.generate import SamplingParams
     from megatron_tropd.rollout.teacher_responses import (
         lookup_teacher_responses, online_teacher_responses, read_teacher_responses)
 
@@ -179,22 +183,53 @@ def check_offline_teacher_responses_tool(ctx):
         os.path.join(os.path.dirname(__file__), "..", "tools", "generate_teacher_responses.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {name: os.path.join(tmp, name)
-                 for name in ("arch.json", "weights.pt", "prompts.jsonl", "out.jsonl")}
+    paths = {name: os.path.join(ctx["tmp"], name)
+             for name in ("arch.json", "weights.pt", "prompts.jsonl", "out.jsonl")}
+    if dist.get_rank() == 0:
         with open(paths["arch.json"], "w") as f:
             json.dump(dict(vars(ARCH)), f)
         torch.save(ctx["teacher_sd"], paths["weights.pt"])
         with open(paths["prompts.jsonl"], "w") as f:
             f.writelines(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS)
-        tool.main(["--model-config", paths["arch.json"], "--weights", paths["weights.pt"],
-                   "--prompts", paths["prompts.jsonl"], "--output", paths["out.jsonl"],
-                   "--temperature", "0", "--max-new-tokens", str(NEW_TOKENS),
-                   "--batch-size", "3"])
-        offline = lookup_teacher_responses(read_teacher_responses(paths["out.jsonl"]), PROMPTS)
-    online = online_teacher_responses(ctx["teacher"], PROMPTS, _greedy(), VOCAB)
-    assert offline == online
-    assert [len(r) for r in online] == [NEW_TOKENS] * len(PROMPTS)
+    dist.barrier()
+    tool.main(["--model-config", paths["arch.json"], "--weights", paths["weights.pt"],
+               "--prompts", paths["prompts.jsonl"], "--output", paths["out.jsonl"],
+               "--tp", str(ps.get_tensor_model_parallel_world_size()),
+               "--pp", str(ps.get_pipeline_model_parallel_world_size()),
+               "--temperature", "1", "--seed", "11", "--max-new-tokens", str(NEW_TOKENS),
+               "--batch-size", "3"])
+    offline = lookup_teacher_responses(read_teacher_responses(paths["out.jsonl"]), PROMPTS)
+    params = SamplingParams(temperature=1.0, seed=11, max_new_tokens=NEW_TOKENS)
+    assert offline == online_teacher_responses(ctx["teacher"], PROMPTS, params, VOCAB)
+
+
+def check_samples_independent_of_data_parallel_split(ctx):
+    """Rows keep their samples when the prompts are split over two calls (two data-parallel
+    ranks) with the matching `sample_offset`."""
+    from megatron_tropd.rollout.generate import generate
+
+    params = _sampled()[0]
+    whole = ctx["sampled"][0]
+    n = params.n_samples
+    for first, last in ((0, 2), (2, 4)):
+        part = generate(ctx["student"], PROMPTS[first:last], params, VOCAB, sample_offset=first * n)
+        for row in range(part.tokens.shape[0]):
+            assert whole.responses()[first * n + row] == part.responses()[row]
+
+
+def check_other_families_cache_equals_recompute(ctx):
+    """Qwen2 (QKV bias) and Qwen3 (q/k norms, tied embeddings): the cached forward composes the
+    layers itself, so it must match megatron's forward for them too."""
+    from megatron_tropd.models.builder import build_model
+
+    for family, tied in (("qwen2", False), ("qwen3", True)):
+        model = build_model(dataclasses.replace(ARCH, family=family, tie_word_embeddings=tied))
+        cached = _generate(model, _greedy())
+        assert torch.equal(cached.tokens, _generate(model, _greedy(), use_kv_cache=False).tokens)
+        sampled = _generate(model, _sampled()[0])
+        torch.testing.assert_close(
+            sampled.lp_S_old, _generate(model, _sampled()[0], use_kv_cache=False).lp_S_old,
+            rtol=0, atol=LP_TOL)
 
 
 REFERENCE_CHECKS = [
@@ -202,6 +237,7 @@ REFERENCE_CHECKS = [
     check_stop_ids_end_rows, check_teacher_prefix_continuation,
     check_prefix_ending_in_stop_samples_nothing, check_generation_errors,
     check_teacher_signals_at_tp1, check_offline_teacher_responses_tool,
+    check_samples_independent_of_data_parallel_split, check_other_families_cache_equals_recompute,
 ]
 
 
@@ -250,7 +286,7 @@ def _assert_signals_match(teacher, batch, reference):
     assert torch.isneginf(shard[..., valid:][reference["mask"]]).all()
 
 
-def _reference_run():
+def _reference_run(tmp):
     from megatron_tropd.models.builder import build_model
     from megatron_tropd.models.sharding import global_state_dict
 
@@ -263,7 +299,7 @@ def _reference_run():
     scored = _generate(student, _sampled()[1], prefixes=_guided_prefixes(greedy))
     ctx = dict(student=student, teacher=teacher, greedy=greedy, sampled=sampled, guided=guided,
                scored=scored, teacher_sd=global_state_dict(teacher, VOCAB),
-               signals_reference=_full_vocab_signals(teacher, scored))
+               signals_reference=_full_vocab_signals(teacher, scored), tmp=tmp)
     report = run_checks(REFERENCE_CHECKS, ctx)
     shared = dict(student_sd=global_state_dict(student, VOCAB), teacher_sd=ctx["teacher_sd"],
                   greedy=greedy, sampled=sampled, scored=scored,
@@ -302,12 +338,15 @@ def check_teacher_signals_match_full_vocab(ctx):
 
 
 LAYOUT_CHECKS = [check_greedy_matches_reference, check_sampled_matches_reference,
-                 check_lp_old_equals_training_forward_tp, check_teacher_signals_match_full_vocab]
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2), "tp4": (4, 1)}
+                 check_lp_old_equals_training_forward_tp, check_teacher_signals_match_full_vocab,
+                 check_other_families_cache_equals_recompute, check_offline_teacher_responses_tool]
+LAYOUTS = {"tp2": (2, 2, 1), "pp2": (2, 1, 2), "tp2pp2": (4, 2, 2), "tp4": (4, 4, 1),
+           "dp2": (2, 1, 1)}  # world size, TP, PP
 
 
-def _layout_run(ref):
-    ctx = dict(ref=ref, student=_model(ref["student_sd"]), teacher=_model(ref["teacher_sd"], "teacher"))
+def _layout_run(ref, tmp):
+    ctx = dict(ref=ref, student=_model(ref["student_sd"]), teacher_sd=ref["teacher_sd"],
+               teacher=_model(ref["teacher_sd"], "teacher"), tmp=tmp)
     return run_checks(LAYOUT_CHECKS, ctx)
 
 
@@ -315,16 +354,20 @@ def _layout_run(ref):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    report, shared = run_distributed(_reference_run, world_size=1)[0]
+def reference(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("reference"))
+    report, shared = run_distributed(_reference_run, world_size=1, args=(tmp,))[0]
     return report, shared
 
 
 @pytest.fixture(scope="module")
-def layouts(reference):
+def layouts(reference, tmp_path_factory):
     _, shared = reference
-    return {name: merge_reports(run_distributed(_layout_run, tp * pp, tp, pp, args=(shared,)))
-            for name, (tp, pp) in LAYOUTS.items()}
+    return {
+        name: merge_reports(run_distributed(_layout_run, world, tp, pp, args=(
+            shared, str(tmp_path_factory.mktemp(name)))))
+        for name, (world, tp, pp) in LAYOUTS.items()
+    }
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in REFERENCE_CHECKS])

@@ -122,6 +122,7 @@ def main(argv=None):
 
         write_teacher_responses(args.output, [r for part in shares for r in part])
         print(f"wrote {sum(len(p) for p in shares)} teacher responses to {args.output}", flush=True)
+    dist.barrier()  # the file is complete when main returns, on every rank
 
 
 if __name__ == "__main__":

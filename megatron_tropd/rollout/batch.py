@@ -28,16 +28,21 @@ def causal_padding_mask(padding, query_start: int, query_length: int):
     keys `[0, query_start + query_length)`: `[B, 1, query_length, keys]` bool, True = masked
     (a future key, or a key that is padding).
 
+    A padding query attends to itself, so that no row is masked entirely (fused softmax kernels
+    return NaN for such rows, and NaN values would leak through zero attention weights). A decode
+    step (one query) needs no such care: every row has its context before it.
+
     Args:
         padding: `[B, >= keys]` bool, True where the column holds padding.
     """
     keys = query_start + query_length
     key_padding = padding[:, None, None, :keys]
-    if query_length == 1:  # a decode step: no future keys to hide
+    if query_length == 1:
         return key_padding
-    future = torch.ones(query_length, keys, dtype=torch.bool, device=padding.device)
-    future = future.triu(query_start + 1)
-    return future[None, None] | key_padding
+    key_columns = torch.arange(keys, device=padding.device)
+    query_columns = torch.arange(query_start, keys, device=padding.device)[:, None]
+    hidden = (key_columns > query_columns) | key_padding
+    return hidden & (key_columns != query_columns)
 
 
 @dataclasses.dataclass
@@ -56,8 +61,8 @@ class RolloutBatch:
             untempered, untruncated distribution, i.e. what a training-mode forward of the same
             weights gives (so the importance ratio starts at 1); 0 outside `student_mask`.
         student_entropy: `[B, T]` float32, entropy of the sampling model's untempered distribution
-            at each student token (REOPOLD / Entropy-OPD rank tokens by it); 0 outside
-            `student_mask`.
+            at each student token when `generate(record_entropy=True)` (REOPOLD / Entropy-OPD
+            rank tokens by it); 0 outside `student_mask` and otherwise.
         sample_ids: `[B]` global sample index of each row (prompt index * n_samples + sample).
     """
 

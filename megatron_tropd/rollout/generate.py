@@ -2,8 +2,8 @@
 
 Prompts of different lengths are left-padded (layout in `rollout.batch`); each step samples one
 token per row from the vocabulary-sharded logits of the last pipeline stage through
-`ops.vocab_parallel.sample` (no logits are gathered), with a KV cache (megatron-core's
-`StaticInferenceContext`) or, for reference, a full recompute of the sequence at every step.
+`ops.vocab_parallel.sample` (no logits are gathered), with a KV cache (`rollout.kv_cache`) or,
+for reference, megatron's own forward of the whole sequence at every step.
 
 Random draws are keyed by (seed, global sample index, response position), so the same prompts give
 the same samples at any tensor-, pipeline- or data-parallel layout. Works for the student and, for
@@ -21,6 +21,7 @@ import torch
 
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout.batch import RolloutBatch, causal_padding_mask
+from megatron_tropd.rollout.kv_cache import KVCache
 from megatron_tropd.rollout.stage import GenerationStage
 
 
@@ -74,6 +75,7 @@ def generate(
     sample_offset: int = 0,
     pad_id: int = 0,
     use_kv_cache: bool = True,
+    record_entropy: bool = False,
 ) -> RolloutBatch:
     """Sample `params.n_samples` continuations of every prompt (collective over the
     model-parallel group: every rank passes the same prompts and gets the same batch).
@@ -90,19 +92,15 @@ def generate(
         pad_id: id written at padded columns (masked everywhere).
         use_kv_cache: False recomputes the whole sequence at every step (the reference the KV
             cache is tested against).
+        record_entropy: also record the sampling distribution's entropy per student token
+            (`student_entropy`; an extra pass over the vocabulary shard per step), else zeros.
     """
     contexts, prompt_lengths, prefix_lengths = _rows(prompts, prefixes, params.n_samples)
     _check(contexts, params, vocab_size, model.max_sequence_length)
-    n_rows = len(contexts)
-    width = max(len(c) for c in contexts)
-    max_length = width + params.max_new_tokens
     device = next(model.parameters()).device
-    tokens = torch.full((n_rows, max_length), pad_id, dtype=torch.long)
-    padding = torch.zeros((n_rows, max_length), dtype=torch.bool)
-    for row, context in enumerate(contexts):
-        tokens[row, width - len(context):width] = torch.tensor(context, dtype=torch.long)
-        padding[row, :width - len(context)] = True
-    tokens, padding = tokens.to(device), padding.to(device)
+    n_rows, width = len(contexts), max(len(c) for c in contexts)
+    max_length = width + params.max_new_tokens
+    tokens, padding = _left_padded(contexts, width, max_length, pad_id, device)
     prompt_lengths, prefix_lengths = prompt_lengths.to(device), prefix_lengths.to(device)
     student_mask = torch.zeros((n_rows, max_length), dtype=torch.bool, device=device)
     lp_S_old = torch.zeros((n_rows, max_length), dtype=torch.float32, device=device)
@@ -113,28 +111,31 @@ def generate(
     done = (prefix_lengths > 0) & torch.isin(tokens[:, width - 1], stop_ids)
 
     stage = GenerationStage(model, max_length)
-    kv_cache = _kv_cache(n_rows, max_length) if use_kv_cache else None
+    kv_cache = KVCache(model, n_rows, max_length, stage.rope) if use_kv_cache else None
+    fast_path = _without_cuda_to_cpu_mode() if kv_cache is not None else contextlib.nullcontext()
     steps = 0
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode(), fast_path:
         while steps < params.max_new_tokens and not done.all():
             column = width + steps
-            start = column - 1 if kv_cache is not None and steps > 0 else 0
+            start = kv_cache.position if kv_cache is not None else 0
             mask = causal_padding_mask(padding, start, column - start)
             logits = stage.forward(tokens[:, start:column], mask, kv_cache)
             ids = torch.empty(n_rows, dtype=torch.long, device=device)
             if stage.is_last:
-                keys = vp.sampling_keys(params.seed, sample_ids, prefix_lengths + steps)
+                keys = (vp.sampling_keys(params.seed, sample_ids, prefix_lengths + steps)
+                        if params.temperature > 0 else None)
                 ids = vp.sample(logits, vocab_size, keys, params.temperature, params.top_k,
                                 params.top_p)
                 lp_S_old[:, column] = vp.token_log_probs(logits, ids, vocab_size)
-                student_entropy[:, column] = vp.entropy(logits, vocab_size)
+                if record_entropy:
+                    student_entropy[:, column] = vp.entropy(logits, vocab_size)
             stage.broadcast_from_last(ids)
             tokens[:, column] = ids.masked_fill(done, pad_id)
             student_mask[:, column] = ~done
             done |= torch.isin(ids, stop_ids)
             steps += 1
     length = width + steps
-    # the sampler's per-token statistics exist on the last stage: every stage gets them
+    # Only the last stage computed the sampler's statistics; rows stopped earlier hold none.
     stats = stage.broadcast_from_last(
         torch.stack([lp_S_old[:, width:length], student_entropy[:, width:length]]).contiguous())
     untrained = ~student_mask[:, width:length]
@@ -171,6 +172,17 @@ def _rows(prompts, prefixes, n_samples):
     return contexts, torch.tensor(prompt_lengths), torch.tensor(prefix_lengths)
 
 
+def _left_padded(contexts, width, max_length, pad_id, device):
+    """Token buffer `[B, max_length]` with each context ending at column `width`, and the mask of
+    its left padding."""
+    tokens = torch.full((len(contexts), max_length), pad_id, dtype=torch.long)
+    padding = torch.zeros((len(contexts), max_length), dtype=torch.bool)
+    for row, context in enumerate(contexts):
+        tokens[row, width - len(context):width] = torch.tensor(context, dtype=torch.long)
+        padding[row, :width - len(context)] = True
+    return tokens.to(device), padding.to(device)
+
+
 def _check(contexts, params, vocab_size, max_sequence_length):
     longest = max(range(len(contexts)), key=lambda r: len(contexts[r]))
     if len(contexts[longest]) + params.max_new_tokens > max_sequence_length:
@@ -186,10 +198,17 @@ def _check(contexts, params, vocab_size, max_sequence_length):
         )
 
 
-def _kv_cache(n_rows: int, max_length: int):
-    from megatron.core.inference.contexts import StaticInferenceContext
+def _without_cuda_to_cpu_mode():
+    """On a CPU host, generation with the KV cache runs without the CPU compatibility layer's
+    TorchFunctionMode, which sends every torch call through Python (about 11% of a decode step of
+    the benchmark model). That path allocates nothing on a CUDA device (the KV cache is built
+    outside it; megatron's core attention, which takes a buffer on the current CUDA device, is not
+    called), so the mode has nothing to do there; a megatron-core change that did allocate would
+    fail loudly ("Torch not compiled with CUDA"), not silently. megatron's full forward (no KV
+    cache) keeps the mode."""
+    from megatron_tropd import cpu_compat
 
-    return StaticInferenceContext(max_batch_size=n_rows, max_sequence_length=max_length)
+    return torch._C.DisableTorchFunction() if cpu_compat.is_enabled() else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
