@@ -164,33 +164,31 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_teacher_responses(path, tokenizer: Optional[Tokenizer] = None) -> dict[int, list[int]]:
-    """Teacher response ids by prompt index; `response` texts are encoded with `tokenizer`."""
+def load_teacher_responses(path, vocab_size: Optional[int] = None) -> dict:
+    """Teacher responses keyed by the tuple of their prompt's token ids, from the JSONL file
+    tools/generate_teacher_responses.py writes: `{"prompt_ids": [...], "response_ids": [...]}` per
+    line (its `prompt` / `response` texts are for reading and are ignored). Keying by prompt ids
+    makes the file independent of the order and sharding of the training prompts."""
     responses, lines = {}, {}
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"
-        index = record.get("index")
-        if "index" not in record:
-            raise DataError(f"{where}: missing 'index'")
-        if not _is_int(index) or index < 0:
-            raise DataError(f"{where}: 'index' must be a non-negative integer, got {index!r}")
-        if index in lines:
-            raise DataError(f"{where}: index {index} already given on line {lines[index]}")
-        if _one_of(where, record, "response_ids", "response") == "response":
-            if tokenizer is None:
-                raise DataError(f"{where}: 'response' text needs a tokenizer; give "
-                                f"'response_ids' or pass one")
-            ids = tokenizer.encode(_string(where, record, "response", allow_empty=True))
-        else:
-            ids = record["response_ids"]
-            if not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids):
-                raise DataError(f"{where}: 'response_ids' must be an array of non-negative "
-                                f"integers")
-            if tokenizer is not None and any(i >= tokenizer.vocab_size for i in ids):
-                raise DataError(f"{where}: 'response_ids' holds {max(ids)}, outside the "
-                                f"tokenizer's {tokenizer.vocab_size} ids")
-        responses[index], lines[index] = ids, number
+        prompt = tuple(_token_ids(where, record, "prompt_ids", vocab_size))
+        if prompt in lines:
+            raise DataError(f"{where}: the same prompt_ids are already given on line {lines[prompt]}")
+        responses[prompt], lines[prompt] = _token_ids(where, record, "response_ids", vocab_size), number
     return responses
+
+
+def _token_ids(where: str, record: dict, key: str, vocab_size: Optional[int]) -> list[int]:
+    if key not in record:
+        raise DataError(f"{where}: missing '{key}'")
+    ids = record[key]
+    if not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids):
+        raise DataError(f"{where}: '{key}' must be an array of non-negative integers")
+    if vocab_size is not None and any(i >= vocab_size for i in ids):
+        raise DataError(f"{where}: '{key}' holds {max(ids)}, outside the vocabulary of "
+                        f"{vocab_size} ids")
+    return ids
 
 
 class PromptSampler:

@@ -143,7 +143,9 @@ def _teacher_responses(args, run):
     from megatron_tropd.rollout.generate import SamplingParams
 
     if args.prefix_source == "offline":
-        table = tr.read_teacher_responses(args.teacher_responses)
+        from megatron_tropd.data import load_teacher_responses
+
+        table = load_teacher_responses(args.teacher_responses, run.vocab_size)
         return lambda prompts, indices: tr.lookup_teacher_responses(table, prompts)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, stop_ids=run.stop_ids,

@@ -233,12 +233,12 @@ def test_sft_examples_and_masks(hf, sp, sp_ref, tmp_path):
         f"{path}:1: prompt, response and EOS are 12 tokens, longer than the maximum length 11")
 
 
-def test_teacher_responses(hf, tmp_path):
-    path = write_lines(tmp_path / "t.jsonl", json.dumps({"index": 3, "response_ids": [5, 6, 2]}),
-                       json.dumps({"index": 0, "response": "hello world"}),
-                       json.dumps({"index": 1, "response_ids": []}))
-    assert load_teacher_responses(path, hf) == {
-        3: [5, 6, 2], 0: [ID["hello"], ID["world"]], 1: []}
+def test_teacher_responses(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl",
+                       json.dumps({"prompt_ids": [1, 4], "response_ids": [5, 6, 2],
+                                   "prompt": "ab", "response": "cde"}),
+                       json.dumps({"prompt_ids": [3], "response_ids": []}))
+    assert load_teacher_responses(path) == {(1, 4): [5, 6, 2], (3,): []}
 
 
 MALFORMED = [
@@ -269,28 +269,18 @@ MALFORMED = [
      "'response' must be a string, got an object"),
     ("sft", '{"prompt": "hi", "response": ""}', "'response' is empty"),
     ("sft", '{"response": "hi"}', "needs exactly one of 'prompt' and 'messages', has neither"),
-    ("teacher", '{"response_ids": [1]}', "missing 'index'"),
-    ("teacher", '{"index": -1, "response_ids": [1]}',
-     "'index' must be a non-negative integer, got -1"),
-    ("teacher", '{"index": "2", "response_ids": [1]}',
-     "'index' must be a non-negative integer, got '2'"),
-    ("teacher", '{"index": true, "response_ids": [1]}',
-     "'index' must be a non-negative integer, got True"),
-    ("teacher", '{"index": 7, "response_ids": [1]}', "index 7 already given on line 1"),
-    ("teacher", '{"index": 2}', "needs exactly one of 'response_ids' and 'response', has neither"),
-    ("teacher", '{"index": 2, "response_ids": [1], "response": "a"}',
-     "needs exactly one of 'response_ids' and 'response', has both"),
-    ("teacher", '{"index": 2, "response_ids": "1 2"}',
+    ("teacher", '{"response_ids": [1]}', "missing 'prompt_ids'"),
+    ("teacher", '{"prompt_ids": [1]}', "missing 'response_ids'"),
+    ("teacher", '{"prompt_ids": [7], "response_ids": [1]}',
+     "the same prompt_ids are already given on line 1"),
+    ("teacher", '{"prompt_ids": [2], "response_ids": "1 2"}',
      "'response_ids' must be an array of non-negative integers"),
-    ("teacher", '{"index": 2, "response_ids": [1, 2.0]}',
+    ("teacher", '{"prompt_ids": [2], "response_ids": [1, 2.0]}',
      "'response_ids' must be an array of non-negative integers"),
-    ("teacher", '{"index": 2, "response_ids": [1, -2]}',
-     "'response_ids' must be an array of non-negative integers"),
-    ("teacher", '{"index": 2, "response_ids": [1, 24]}',
-     f"'response_ids' holds 24, outside the tokenizer's {len(WORDS)} ids"),
-    ("teacher", '{"index": 2, "response": 5}', "'response' must be a string, got a number"),
-    ("teacher_without_tokenizer", '{"index": 2, "response": "hi"}',
-     "'response' text needs a tokenizer; give 'response_ids' or pass one"),
+    ("teacher", '{"prompt_ids": [-2], "response_ids": [1]}',
+     "'prompt_ids' must be an array of non-negative integers"),
+    ("teacher", '{"prompt_ids": [2], "response_ids": [1, 24]}',
+     "'response_ids' holds 24, outside the vocabulary of 24 ids"),
 ]
 
 
@@ -299,9 +289,8 @@ def test_malformed_line(hf, tmp_path, loader, line, what):
     load, good = {
         "prompts": (lambda path: load_prompts(path, hf), '{"prompt": "hi"}'),
         "sft": (lambda path: load_sft(path, hf), '{"prompt": "hi", "response": "a"}'),
-        "teacher": (lambda path: load_teacher_responses(path, hf),
-                    '{"index": 7, "response_ids": [1]}'),
-        "teacher_without_tokenizer": (load_teacher_responses, '{"index": 7, "response_ids": [1]}'),
+        "teacher": (lambda path: load_teacher_responses(path, vocab_size=24),
+                    '{"prompt_ids": [7], "response_ids": [1]}'),
     }[loader]
     path = write_lines(tmp_path / "data.jsonl", good, "", line, good.replace("7", "8"))
     assert data_error(load, path) == f"{path}:3: {what}"

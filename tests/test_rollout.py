@@ -174,9 +174,10 @@ def check_offline_teacher_responses_tool(ctx):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_tropd.data import load_teacher_responses
     from megatron_tropd.rollout.generate import SamplingParams
     from megatron_tropd.rollout.teacher_responses import (
-        lookup_teacher_responses, online_teacher_responses, read_teacher_responses)
+        lookup_teacher_responses, online_teacher_responses)
 
     spec = importlib.util.spec_from_file_location(
         "generate_teacher_responses",
@@ -198,7 +199,7 @@ def check_offline_teacher_responses_tool(ctx):
                "--pp", str(ps.get_pipeline_model_parallel_world_size()),
                "--temperature", "1", "--seed", "11", "--max-new-tokens", str(NEW_TOKENS),
                "--batch-size", "3"])
-    offline = lookup_teacher_responses(read_teacher_responses(paths["out.jsonl"]), PROMPTS)
+    offline = lookup_teacher_responses(load_teacher_responses(paths["out.jsonl"]), PROMPTS)
     params = SamplingParams(temperature=1.0, seed=11, max_new_tokens=NEW_TOKENS)
     assert offline == online_teacher_responses(ctx["teacher"], PROMPTS, params, VOCAB)
 

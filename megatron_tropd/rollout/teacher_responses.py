@@ -1,6 +1,6 @@
 """Teacher responses for off-policy guidance: generated online by the teacher model in the same job
 (same generation code and sampler as the student), or read from a JSONL file written beforehand by
-`tools/generate_teacher_responses.py`.
+`tools/generate_teacher_responses.py` (read by `data.load_teacher_responses`).
 
 File format, one JSON object per line (text fields are optional, for reading):
 
@@ -13,6 +13,7 @@ sharding of the training prompts.
 import json
 from typing import Dict, List, Sequence, Tuple
 
+from megatron_tropd.data import DataError
 from megatron_tropd.rollout.generate import SamplingParams, generate
 
 
@@ -33,34 +34,14 @@ def write_teacher_responses(path: str, records: Sequence[dict]):
             f.write(json.dumps(record) + "\n")
 
 
-def read_teacher_responses(path: str) -> Dict[Tuple[int, ...], List[int]]:
-    """The file's responses keyed by the tuple of their prompt ids."""
-    responses = {}
-    try:
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    responses[tuple(record["prompt_ids"])] = list(record["response_ids"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(
-                        f"{path}:{number}: not a teacher-response record with prompt_ids and "
-                        f"response_ids ({e.__class__.__name__}: {e})"
-                    ) from None
-    except FileNotFoundError:
-        raise ValueError(f"teacher-response file not found: {path}") from None
-    return responses
-
-
 def lookup_teacher_responses(responses: Dict[Tuple[int, ...], List[int]],
                              prompts: Sequence[Sequence[int]]) -> List[List[int]]:
-    """The teacher response of each prompt, from `read_teacher_responses`'s dict."""
+    """The teacher response of each prompt, from `data.load_teacher_responses`'s dict."""
     out = []
     for i, prompt in enumerate(prompts):
         key = tuple(int(t) for t in prompt)
         if key not in responses:
-            raise KeyError(f"no teacher response for prompt {i} ({len(key)} tokens) in the file")
+            raise DataError(f"no teacher response for prompt {i} ({len(key)} tokens) in the "
+                            f"teacher-responses file")
         out.append(responses[key])
     return out
