@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from megatron_tropd.evaluate import pass_at_k
 from megatron_tropd.tasks.addition import Problem
 from megatron_tropd.tasks.splits import heldout_problems, train_problems, write_task_files
 from megatron_tropd.tasks.verifier import CORRECT, MALFORMED, WRONG, parse_answer, verify
@@ -69,9 +68,3 @@ def test_task_files(tmp_path):
     assert all(verify(r["response"], r["answer"]) == CORRECT for r in sft)
     assert not {r["prompt"] for r in sft} & {r["prompt"] for r in held}
 
-
-def test_pass_at_k_matches_direct_count():
-    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 2) == 1.0
-    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    # c=1 of n=4, k=2: the pairs holding the correct sample are 3 of C(4, 2) = 6
-    assert pass_at_k(4, 1, 2) == pytest.approx(3 / 6)

@@ -34,7 +34,7 @@ def train_tokenizer(output: str, corpus_problems: int = 2000):
         spm.SentencePieceTrainer.train(
             input=corpus, model_prefix=output.removesuffix(".model"), model_type="char",
             vocab_size=len(ALPHABET) + len(SPECIAL), character_coverage=1.0,
-            add_dummy_prefix=False, minloglevel=2, **SPECIAL)
+            add_dummy_prefix=False, normalization_rule_name="identity", minloglevel=2, **SPECIAL)
     os.remove(output.removesuffix(".model") + ".vocab")  # the .model file holds everything
 
 
