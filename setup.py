@@ -26,7 +26,7 @@ setup(
         "psutil",
     ],
     extras_require={
-        "dev": ["pytest"],
+        "dev": ["pytest", "matplotlib"],  # matplotlib: plots of tools/run_results.py
         "gpu": ["transformer-engine[pytorch]"],
     },
 )
