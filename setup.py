@@ -31,7 +31,7 @@ setup(
         ],
     },
     extras_require={
-        "dev": ["pytest"],
+        "dev": ["pytest", "matplotlib"],  # matplotlib: plots of tools/run_results.py
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

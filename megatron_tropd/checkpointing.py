@@ -82,7 +82,7 @@ def resume(args, run):
             raise CheckpointError(f"--load {args.load}: no '{LATEST}' file, so no checkpoint to "
                                   f"resume from")
         return
-    directory = _iteration_dir(root, _read_latest(root))
+    directory = latest_checkpoint(root)
     meta = model_checkpoint.load_model(directory, run.model)
     if "trainer" not in meta:
         raise CheckpointError(f"{directory} is a model checkpoint without trainer state")
@@ -143,6 +143,11 @@ def _read_latest(root: str) -> int:
     if not text.isdigit():
         raise CheckpointError(f"{os.path.join(root, LATEST)} does not hold an iteration: {text!r}")
     return int(text)
+
+
+def latest_checkpoint(root: str) -> str:
+    """The directory of the latest checkpoint saved under `root` (a model checkpoint dir)."""
+    return _iteration_dir(root, _read_latest(root))
 
 
 def _prune(root: str, keep_last: int, latest: int):

@@ -45,11 +45,16 @@ def require_world_size(expected: int, what: str):
     )
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group of its own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(tp: int = 1, pp: int = 1):
     """torch.distributed and megatron's groups; a single process gets a free port of its own so
     that several tools (or tests) can run side by side."""
     if "WORLD_SIZE" not in os.environ:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     initialize_distributed(tp, pp)

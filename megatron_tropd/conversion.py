@@ -64,6 +64,20 @@ class _GlobalMegatronView(Mapping):
         return len(self.mappings)
 
 
+def build_from_hf(hf_dir: str, dtype: torch.dtype = torch.float32, role: str = "student"):
+    """(arch, this rank's model stage) built at the current TP x PP layout with the HF weights
+    loaded, read tensor by tensor (collective over the model-parallel group)."""
+    from megatron.core import parallel_state as ps
+
+    arch, weights = open_hf_model(hf_dir, ps.get_tensor_model_parallel_world_size(),
+                                  ps.get_pipeline_model_parallel_world_size())
+    # Initialised although every weight is overwritten: megatron-core sets the tensor-parallel
+    # attributes `sharding.py` splits by only when it initialises.
+    model = build_model(arch, role, params_dtype=dtype)
+    load_global_state_dict(model, _GlobalMegatronView(arch, weights))
+    return arch, model
+
+
 def hf_to_megatron(hf_dir: str, output_dir: str, dtype: torch.dtype = torch.float32,
                    overwrite: bool = False):
     """Convert an HF model directory into a Megatron checkpoint at the current TP x PP layout.
@@ -78,12 +92,8 @@ def hf_to_megatron(hf_dir: str, output_dir: str, dtype: torch.dtype = torch.floa
     if dist.get_world_size() != tp * pp:
         raise ParallelConfigError(f"conversion runs on TP x PP = {tp * pp} processes, not "
                               f"{dist.get_world_size()} (no data-parallel replicas)")
-    arch, weights = open_hf_model(hf_dir, tp, pp)
     check_output_dir(output_dir, overwrite)
-    # Initialised although every weight is overwritten: megatron-core sets the tensor-parallel
-    # attributes `sharding.py` splits by only when it initialises.
-    model = build_model(arch, params_dtype=dtype)
-    load_global_state_dict(model, _GlobalMegatronView(arch, weights))
+    arch, model = build_from_hf(hf_dir, dtype)
     save_model(output_dir, model, arch, source_dir=hf_dir, overwrite=overwrite,
                metadata={"converted_from": os.path.abspath(hf_dir)})
 

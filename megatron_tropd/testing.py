@@ -10,22 +10,17 @@ seconds of imports, so group related checks into one call (`run_checks` helps wi
 """
 
 import os
-import socket
 import tempfile
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
+from megatron_tropd.cli import free_port
+
 
 class DistributedTestError(AssertionError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, tp, pp, seed, fn, args, result_dir):
@@ -56,7 +51,7 @@ def run_distributed(fn, world_size: int, tp: int = 1, pp: int = 1, args=(), seed
     of every rank's return value. `fn` must be importable (a module-level function)."""
     with tempfile.TemporaryDirectory() as result_dir:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         procs = [
             ctx.Process(target=_worker,
                         args=(r, world_size, port, tp, pp, seed, fn, args, result_dir))

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
-from megatron_tropd.testing import _free_port
+from megatron_tropd.cli import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(code_or_args, env_extra=None, module=False):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PYTHONPATH=ROOT, **(env_extra or {}))
     cmd = [sys.executable] + (["-m"] + code_or_args if module else ["-c", code_or_args])
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -56,19 +56,29 @@ def test_cpu_layer_maps_cuda_to_cpu():
 
 
 def test_entry_point_errors_are_one_line(tmp_path):
-    bad = tmp_path / "gpt2.json"
-    bad.write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    qwen3 = tmp_path / "qwen3.json"
+    qwen3.write_text(json.dumps({"model_type": "qwen3", "vocab_size": 32, "hidden_size": 32,
+                                 "intermediate_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Q:1+2=", "answer": "3"}\n')
+    data = ["--prompts", str(prompts), "--tokenizer", str(prompts), "--train-iters", "1"]
     cases = [
-        (["--student-config", str(bad)],
+        (["--student-config", str(gpt2), "--teacher-config", str(gpt2)] + data,
          "error: unknown architecture 'gpt2': supported are llama, mistral, qwen2, qwen3"),
-        (["--student-config", str(tmp_path / "missing.json")],
-         f"error: model config not found: {tmp_path / 'missing.json'}"),
-        (["--tensor-model-parallel-size", "2"],
+        (["--student-load", str(tmp_path / "missing"), "--teacher-config", str(qwen3)] + data,
+         f"error: --student-load {tmp_path / 'missing'} does not exist"),
+        (["--student-config", str(qwen3), "--teacher-config", str(qwen3),
+          "--tensor-model-parallel-size", "2"] + data,
          "error: world size 1 is not divisible by tensor-model-parallel size 2 x "
          "pipeline-model-parallel size 1"),
+        (["--mode", "sft", "--student-config", str(qwen3)] + data,
+         "error: --mode sft needs --sft-data"),
     ]
     for args, message in cases:
-        out = _run(["megatron_tropd.smoke"] + args, module=True)
+        out = _run(["megatron_tropd.train"] + args, module=True)
         assert out.returncode == 2, out.stderr
         assert "Traceback" not in out.stderr
         assert out.stderr.strip().splitlines()[-1] == message

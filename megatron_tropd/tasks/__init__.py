@@ -1,0 +1,1 @@
+"""Built-in synthetic verifiable tasks (problems, worked solutions, verifier, splits)."""
