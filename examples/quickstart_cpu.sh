@@ -50,7 +50,7 @@ DISTILL_ARGS=(--distill-method tropd --outlier-mode fkl --teacher-topk 8
               --samples-per-prompt 4 --max-new-tokens 64 --temperature 1.0)
 TRAINING_ARGS=(--prompts "$OUT/data/train_prompts.jsonl" --prompt-template plain
                --max-prompt-length 16 --train-iters "$ITERS" --prompts-per-iteration 8
-               --micro-batch-size 32 --lr "${LR:-3e-4}" --weight-decay 0.0 --seed 1)
+               --micro-batch-size 32 --lr "${LR:-5e-4}" --weight-decay 0.0 --seed 1)
 OUTPUT_ARGS=(--save "$OUT/tropd" --save-interval "$ITERS" --log-interval 10)
 "${TORCHRUN[@]}" -m megatron_tropd.train "${MODEL_ARGS[@]}" "${DISTILL_ARGS[@]}" \
   "${TRAINING_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"

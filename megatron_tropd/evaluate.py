@@ -53,7 +53,8 @@ def load_for_eval(directory: str, tokenizer_path: str = None):
     return arch, model, load_tokenizer(tokenizer_path or directory)
 
 
-def outcomes(model, tokenizer, examples, vocab_size: int, params, batch_size: int) -> list[list[str]]:
+def outcomes(model, tokenizer, examples, vocab_size: int, params,
+             batch_size: int) -> list[list[str]]:
     """Verifier outcome of every sample, per example (`params.n_samples` each)."""
     from megatron_tropd.rollout.generate import generate
 
@@ -90,7 +91,8 @@ def evaluate(model, tokenizer, examples, vocab_size: int, max_new_tokens: int,
                            max(1, batch_size // samples))
         correct = [s.count(CORRECT) for s in sampled]
         for k in pass_k:
-            result[f"sampled_pass@{k}"] = sum(pass_at_k(samples, c, k) for c in correct) / len(correct)
+            rates = [pass_at_k(samples, c, k) for c in correct]
+            result[f"sampled_pass@{k}"] = sum(rates) / len(rates)
         result["sampling"] = {"samples": samples, "temperature": temperature}
     return result
 

@@ -114,7 +114,8 @@ def main():
         hf_dir = os.path.join(args.output_dir, name)
         export(checkpoint, tokenizer, hf_dir)
         result = heldout_pass_at_1(hf_dir, data["heldout"], work)
-        report[name] = {"sft_iterations": stop, "schedule_iterations": iters, "batch": 64, "lr": args.lr,
+        report[name] = {"sft_iterations": stop, "schedule_iterations": iters, "batch": 64,
+                        "lr": args.lr,
                         "min_lr": min_lr,
                         "train_seconds": round(seconds), "heldout_pass@1": result["pass@1"],
                         "heldout_greedy": result["greedy"], "parameters": _parameters(hf_dir)}
