@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from megatron_tropd.ops import vocab_parallel as vp
-from megatron_tropd.rollout.batch import RolloutBatch
+from megatron_tropd.rollout.batch import RolloutBatch, causal_padding_mask
 
 DEFAULT_TOP_K = 64
 
@@ -73,16 +73,17 @@ def score(teacher, batch: RolloutBatch, vocab_size: int, top_k: int = DEFAULT_TO
     micro_batch_size = micro_batch_size or rows
     if rows % micro_batch_size != 0:
         raise ValueError(f"micro batch size {micro_batch_size} does not divide the {rows} rows")
-    mask, attention_mask = batch.response_mask, batch.attention_mask()
+    mask, padding = batch.response_mask, batch.padding
     micro_batches = [
-        (batch.tokens[s:s + micro_batch_size], attention_mask[s:s + micro_batch_size],
+        (batch.tokens[s:s + micro_batch_size], padding[s:s + micro_batch_size],
          mask[s:s + micro_batch_size])
         for s in range(0, rows, micro_batch_size)
     ]
 
     def forward_step(data_iterator, model):
-        tokens, attention, scored = next(data_iterator)
-        logits = model(tokens, None, attention)  # [b, T, V/tp] on the last stage
+        tokens, padding, scored = next(data_iterator)
+        attention_mask = causal_padding_mask(padding, 0, length)  # [b, 1, T, T], per micro-batch
+        logits = model(tokens, None, attention_mask)  # [b, T, V/tp] on the last stage
         return logits, functools.partial(_signals, tokens, scored, vocab_size, top_k,
                                          full_log_probs)
 
