@@ -22,8 +22,11 @@ if [ "${SETUP:-1}" = 1 ]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-runs/quickstart}
-ITERS=${ITERS:-100}
-EVAL_PROBLEMS=${EVAL_PROBLEMS:-200}
+ITERS=${ITERS:-150}
+EVAL_PROBLEMS=${EVAL_PROBLEMS:-500}
+# LR warm-up: a fresh Adam's first steps move every weight by about lr; short runs (tests) warm up
+# over half their iterations, as the schedule needs fewer warm-up than training iterations.
+WARMUP=$(( ITERS < 40 ? ITERS / 2 : 20 ))
 TOY=${TOY:-examples/toy}
 TORCHRUN=(torchrun --standalone --nproc-per-node 2)
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -50,7 +53,8 @@ DISTILL_ARGS=(--distill-method tropd --outlier-mode fkl --teacher-topk 8
               --samples-per-prompt 4 --max-new-tokens 64 --temperature 1.0)
 TRAINING_ARGS=(--prompts "$OUT/data/train_prompts.jsonl" --prompt-template plain
                --max-prompt-length 16 --train-iters "$ITERS" --prompts-per-iteration 8
-               --micro-batch-size 32 --lr "${LR:-5e-4}" --weight-decay 0.0 --seed 1)
+               --micro-batch-size 32 --lr "${LR:-5e-4}" --lr-warmup-iters "$WARMUP" --weight-decay 0.0
+               --seed 1)
 OUTPUT_ARGS=(--save "$OUT/tropd" --save-interval "$ITERS" --log-interval 10)
 "${TORCHRUN[@]}" -m megatron_tropd.train "${MODEL_ARGS[@]}" "${DISTILL_ARGS[@]}" \
   "${TRAINING_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"

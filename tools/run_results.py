@@ -65,7 +65,9 @@ def train_args(method, seed, args, data, student, teacher, save):
     flags = METHODS[method]
     common = ["--student-load", student, "--prompt-template", "plain", "--max-prompt-length", "16",
               "--max-new-tokens", str(MAX_NEW_TOKENS), "--train-iters", str(args.iters),
-              "--seed", str(seed), "--lr", str(args.lr), "--weight-decay", "0.0", "--save", save,
+              "--seed", str(seed), "--lr", str(args.lr), "--weight-decay", "0.0",
+              # the quickstart's warm-up: fewer warm-up than training iterations, at most 20
+              "--lr-warmup-iters", str(min(20, args.iters // 2)), "--save", save,
               "--save-interval", str(args.iters), "--log-interval", "10"]
     rows = args.prompts_per_iteration * args.samples_per_prompt
     if flags[:2] == ["--mode", "sft"]:
