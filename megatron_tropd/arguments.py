@@ -34,7 +34,7 @@ def _add_model_args(parser):
     g.add_argument("--student-config", help="build the student randomly initialised from this "
                    "config (HF config.json or our own JSON) instead of --student-load")
     g.add_argument("--teacher-config", help="build the teacher randomly initialised from this "
-                   "config instead of --teacher-load (tests and smoke runs)")
+                   "config instead of --teacher-load (tests)")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute (GPU)")
     g.add_argument("--transformer-engine", action="store_true",
                    help="TransformerEngine layer spec (needs transformer-engine, GPU)")

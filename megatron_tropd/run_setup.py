@@ -45,6 +45,9 @@ def setup_run(args) -> Run:
     from megatron_tropd.data import PromptSampler
 
     student_arch = _arch(args.student_load, args.student_config)
+    if args.mode == "distill" and args.teacher_topk > student_arch.vocab_size:
+        raise arguments.ArgumentError(f"--teacher-topk {args.teacher_topk} exceeds the vocabulary "
+                                      f"of {student_arch.vocab_size} ids")
     teacher = None
     if args.mode == "distill":
         teacher_arch = _arch(args.teacher_load, args.teacher_config)
