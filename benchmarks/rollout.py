@@ -1,7 +1,7 @@
 """Decode throughput of rollout generation: KV cache vs full recompute, and vs HF transformers
 `generate` on the same weights (greedy), measured interleaved in one run.
 
-    python benchmarks/rollout.py [--repeats 3] [--new-tokens 256]
+    python benchmarks/rollout.py [--repeats 3] [--new-tokens 256] [--threads N]
 
 Model: Llama family, 4 layers, hidden 256, 8 heads (4 key/value heads), vocabulary 32000, fp32,
 one process (TP=1, PP=1); 8 prompts of 8 to 64 tokens, `--new-tokens` new tokens each (no stop
@@ -96,6 +96,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for all three (default: torch's, one per core); one "
+                             "thread gives steadier figures on a machine shared with other work")
     args = parser.parse_args()
 
     os.environ.setdefault("MASTER_PORT", "29731")
@@ -105,6 +108,8 @@ def main():
     from megatron_tropd.rollout.generate import SamplingParams, generate
 
     initialize.initialize_distributed(1, 1, seed=1234)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model(ARCH, "student")
     hf_model = build_hf_model(global_state_dict(model, ARCH.vocab_size))
     g = torch.Generator().manual_seed(0)
@@ -124,7 +129,8 @@ def main():
 
     seconds = {name: [] for name in runs}
     outputs = {}
-    print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"threads: {torch.get_num_threads()}; load average before: {os.getloadavg()[0]:.1f}",
+          flush=True)
     for repeat in range(args.repeats):
         for name, run in runs.items():
             elapsed, outputs[name] = timed(run)
