@@ -177,13 +177,16 @@ def _merge_data_parallel(local: dict, dp: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_tropd.initialize import comm_device
+
     if dp == 1:
         return local
     rates = sorted(k for k in local if k.startswith(("pass@", "sampled_pass@")))
     outcome_names = sorted(local["greedy"])
     n = local["problems"]
     flat = torch.tensor([float(n)] + [local[k] * n for k in rates]
-                        + [float(local["greedy"][o]) for o in outcome_names], dtype=torch.float64)
+                        + [float(local["greedy"][o]) for o in outcome_names], dtype=torch.float64,
+                        device=comm_device())
     dist.all_reduce(flat, group=ps.get_data_parallel_group())
     total = int(flat[0])
     merged = dict(local, problems=total,

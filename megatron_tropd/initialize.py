@@ -97,6 +97,12 @@ def destroy():
         dist.destroy_process_group()
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: this rank's GPU under nccl, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def print_rank_0(*args, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)

@@ -33,7 +33,7 @@ from megatron_tropd.distill.inputs import token_inputs
 from megatron_tropd.distill.teacher import score as teacher_score
 from megatron_tropd.distill.token_selection import (selection_fraction, selection_scores,
                                                     top_fraction_mask)
-from megatron_tropd.initialize import initialize_distributed, print_rank_0
+from megatron_tropd.initialize import comm_device, initialize_distributed, print_rank_0
 from megatron_tropd.monitor import MetricsLogger
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout import prefix as prefix_schedule
@@ -289,7 +289,9 @@ def _reduce_over_data_parallel(totals):
     if not totals or not parallel_state.is_pipeline_last_stage():
         return {}
     names = sorted(totals)
-    flat = torch.stack([torch.stack([torch.as_tensor(totals[n][0]).float(),
-                                     torch.as_tensor(totals[n][1]).float()]) for n in names])
+    device = comm_device()
+    flat = torch.stack([torch.stack([torch.as_tensor(totals[n][0]).float().to(device),
+                                     torch.as_tensor(totals[n][1]).float().to(device)])
+                        for n in names])
     dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
     return {n: (flat[i, 0], flat[i, 1]) for i, n in enumerate(names)}

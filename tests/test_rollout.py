@@ -61,7 +61,7 @@ def _training_log_probs(model, batch):
     model.train()
     with torch.no_grad():
         logits = model(batch.tokens, None, batch.attention_mask())
-    lp = torch.zeros(batch.tokens.shape)
+    lp = torch.zeros(batch.tokens.shape, device=logits.device)
     lp[:, 1:] = vp.token_log_probs(logits[:, :-1], batch.tokens[:, 1:], VOCAB)
     return lp
 
@@ -247,7 +247,7 @@ def _full_vocab_signals(teacher, batch):
     teacher.eval()
     with torch.no_grad():
         logits = teacher(batch.tokens, None, batch.attention_mask())[..., :VOCAB].double()
-    log_probs = torch.zeros(logits.shape, dtype=torch.float64)
+    log_probs = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
     log_probs[:, 1:] = torch.log_softmax(logits[:, :-1], dim=-1)
     mask = batch.response_mask
     topk_lp, topk_ids = log_probs.topk(TOP_K, dim=-1)
@@ -279,7 +279,8 @@ def _assert_signals_match(teacher, batch, reference):
                                    rtol=0, atol=LP_TOL, msg=name)
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     local = padded_vocab_size(VOCAB, tp) // tp
-    expected = torch.zeros(batch.tokens.shape + (local,), dtype=torch.float64)
+    expected = torch.zeros(batch.tokens.shape + (local,), dtype=torch.float64,
+                           device=signals.log_probs.device)
     valid = max(0, min(local, VOCAB - rank * local))
     expected[..., :valid] = reference["log_probs"][..., rank * local:rank * local + valid]
     shard = signals.log_probs.double()

@@ -53,12 +53,19 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def _python(args, log_path):
+    """Run `python args` with its output in log_path; returns the CPU seconds it used (user + sys,
+    which unlike wall time does not depend on what else the machine is doing)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MASTER_PORT=str(cli.free_port()),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(log_path, "w") as log:
-        subprocess.run([sys.executable, *args], check=True, cwd=ROOT, env=env, stdout=log,
-                       stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, args, f"see {log_path}")
+    return usage.ru_utime + usage.ru_stime
 
 
 def train_args(method, seed, args, data, student, teacher, save):
@@ -83,11 +90,12 @@ def train_args(method, seed, args, data, student, teacher, save):
 
 
 def evaluate(load, args, data, out):
-    _python(["-m", "megatron_tropd.evaluate", "--load", load, "--label", "run", "--data",
-             data["heldout"], "--limit", str(args.eval_problems), "--output", out],
-            out + ".log")
+    """(greedy held-out pass@1, CPU seconds)"""
+    cpu = _python(["-m", "megatron_tropd.evaluate", "--load", load, "--label", "run", "--data",
+                   data["heldout"], "--limit", str(args.eval_problems), "--output", out],
+                  out + ".log")
     with open(out) as f:
-        return json.load(f)["run"]["pass@1"]
+        return json.load(f)["run"]["pass@1"], cpu
 
 
 def one_run(method, seed, args, data, student, teacher):
@@ -98,20 +106,21 @@ def one_run(method, seed, args, data, student, teacher):
             return json.load(f)
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
-    load = student
+    load, cpu = student, 0.0
     if METHODS[method] is not None:
         save = os.path.join(run_dir, "checkpoints")
-        _python(["-m", "megatron_tropd.train",
-                 *train_args(method, seed, args, data, student, teacher, save)],
-                os.path.join(run_dir, "train.log"))
+        cpu = _python(["-m", "megatron_tropd.train",
+                       *train_args(method, seed, args, data, student, teacher, save)],
+                      os.path.join(run_dir, "train.log"))
         load = latest_checkpoint(save)
-    result = {"method": method, "seed": seed,
-              "pass@1": evaluate(load, args, data, os.path.join(run_dir, "eval.json")),
-              "seconds": round(time.perf_counter() - start, 1)}
+    pass1, eval_cpu = evaluate(load, args, data, os.path.join(run_dir, "eval.json"))
+    result = {"method": method, "seed": seed, "pass@1": pass1,
+              "seconds": round(time.perf_counter() - start, 1),
+              "cpu_seconds": round(cpu + eval_cpu, 1)}
     with open(result_file, "w") as f:
         json.dump(result, f)
     print(f"[results] {method} seed {seed}: pass@1 {result['pass@1']:.3f} "
-          f"({result['seconds']} s)", flush=True)
+          f"({result['seconds']} s, {result['cpu_seconds']} CPU s)", flush=True)
     return result
 
 
@@ -187,8 +196,10 @@ def write_doc(results, methods, seeds, args, plots):
         f"{args.prompts_per_iteration} prompts x {args.samples_per_prompt} samples at "
         f"temperature 1, lr {args.lr}, teacher top-8 for the top-k terms; greedy pass@1 on the "
         f"first {args.eval_problems} held-out problems; seeds {', '.join(map(str, seeds))}. "
-        f"CPU budget: the runs took {sum(r['seconds'] for r in results) / 60:.1f} min in all "
-        f"(training and evaluation, one process each, {args.jobs} at a time).",
+        f"CPU budget: the runs used {sum(r['cpu_seconds'] for r in results) / 60:.1f} CPU-minutes "
+        f"in all (training and evaluation, one single-threaded process each, user + sys time), "
+        f"{args.jobs} at a time; wall time {sum(r['seconds'] for r in results) / 60 / args.jobs:.0f}"
+        f" min on a 2-core machine shared with other work.",
         "",
         "| method | pass@1 mean ± 95% CI | per seed |",
         "|---|---|---|",
