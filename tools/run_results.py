@@ -35,7 +35,7 @@ METHODS = {
     "opd": ["--distill-method", "opd"],
     "fkl": ["--distill-method", "fkl"],
     "jsd": ["--distill-method", "jsd"],
-    "eopd": ["--distill-method", "eopd"],
+    "eopd": ["--distill-method", "eopd", "--eopd-topk", "8"],  # the same top-8 as every top-k term
     "reopold": ["--distill-method", "reopold"],
     "tropd-mask": ["--distill-method", "tropd", "--outlier-mode", "mask"],
     "tropd-clip": ["--distill-method", "tropd", "--outlier-mode", "clip"],
