@@ -46,7 +46,10 @@ METHODS = {
 # The longest worked solution is 54 tokens with its EOS; a teacher-prefix row's context (prompt
 # of up to 15 tokens + full teacher response) plus this still fits the models' 128 positions.
 MAX_NEW_TOKENS = 56
-CURVES = {"trusted_fraction": "trusted fraction E[M]", "k1_reverse_kl": "reverse KL (k1 estimate)"}
+CURVES = {"trusted_fraction": "trusted fraction E[M]", "k1_reverse_kl": "reverse KL (k1 estimate)",
+          "entropy_student": "student entropy on its samples"}
+# The doc's hand-written reading of the numbers starts at this heading; a re-run keeps it.
+READING = "## Reading"
 # two-sided 95% Student-t quantiles by degrees of freedom (beyond the table: the normal's)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}
@@ -220,8 +223,14 @@ def write_doc(results, methods, seeds, args, plots):
             f" at {len(seeds)} seed(s).")
     for label, name in plots:
         lines += ["", f"![{label}]({name})"]
+    reading = ""
+    if os.path.isfile(args.doc):
+        with open(args.doc) as f:
+            previous = f.read()
+        if READING in previous:
+            reading = "\n" + previous[previous.index(READING):]
     with open(args.doc, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + reading)
 
 
 def main():
