@@ -8,6 +8,8 @@
 #                      by default SLURM_NODEID); GRACEFUL_SHUTDOWN_S makes torchrun forward SIGUSR1
 #                      too and give the workers that long to checkpoint before it kills them
 
+TOOLS=$(dirname "${BASH_SOURCE[0]}")/../tools
+
 launch() {
   if [ "${DRY_RUN:-0}" = 1 ]; then
     if [ "$1" = exec ]; then shift; fi
