@@ -177,6 +177,7 @@ if os.environ.get("FAKE_PREEMPT") == "1":
         log.write(f"srun got {{signal.Signals(signum).name}}\\n")
         sys.exit(0)
     signal.signal(signal.SIGUSR1, stop)
+    time.sleep(0.5)  # the batch script has recorded srun's pid by then
     os.kill(os.getppid(), signal.SIGUSR1)
     time.sleep(30)
     sys.exit(3)
@@ -243,5 +244,7 @@ def test_slurm_passes_a_failure_on_without_requeue(fake_slurm):
     result = _bash("examples/slurm/distill.sbatch", dict(fake_slurm, METHOD="tropd",
                                                          TEACHER_RESPONSES="", STUDENT=""))
     assert result.returncode != 0
+    assert "STUDENT=Megatron checkpoint of the student" in result.stderr
     with open(fake_slurm["FAKE_LOG"]) as f:
-        assert not any(line.startswith("scontrol") for line in f)
+        log = f.read().splitlines()
+    assert len(log) == 1 and log[0].startswith("srun ")  # no requeue
