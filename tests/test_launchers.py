@@ -111,9 +111,9 @@ def test_distill_multi_node_needs_a_rendezvous_endpoint(paths):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def _convert_tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+def _tool(name):
+    """tools/<name>.py as a module (its argument parser)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
@@ -124,7 +124,7 @@ def test_paper_recipe_commands(paths, monkeypatch):
     env = dict(HF_STUDENT="/m/Qwen3-1.7B", HF_TEACHER="/m/Qwen3-8B", PROMPTS=paths["PROMPTS"],
                WORK="w")
     convert_student, convert_teacher, distill, export = _dry_run("qwen3_1.7b_from_8b.sh", env)
-    tool = _convert_tool()
+    tool = _tool("convert_checkpoint")
     for command, hf_dir, output in ((convert_student, "/m/Qwen3-1.7B", "w/student"),
                                     (convert_teacher, "/m/Qwen3-8B", "w/teacher")):
         assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"]
@@ -248,3 +248,16 @@ def test_slurm_passes_a_failure_on_without_requeue(fake_slurm):
     with open(fake_slurm["FAKE_LOG"]) as f:
         log = f.read().splitlines()
     assert len(log) == 1 and log[0].startswith("srun ")  # no requeue
+
+
+def test_teacher_responses_command():
+    env = dict(MODEL_CONFIG="t/config.json", WEIGHTS="t.pt", PROMPTS="p.jsonl", OUTPUT="o.jsonl",
+               TOKENIZER="t", NPROC_PER_NODE="4")
+    (command,) = _dry_run("generate_teacher_responses.sh", env)
+    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "4"]
+    assert command[4].endswith("tools/generate_teacher_responses.py")
+    args = _tool("generate_teacher_responses").parse_args(command[5:])
+    assert (args.model_config, args.weights, args.prompts, args.output, args.tokenizer) == (
+        "t/config.json", "t.pt", "p.jsonl", "o.jsonl", "t")
+    assert (args.tp, args.pp, args.max_new_tokens, args.temperature, args.seed) == (
+        2, 1, 8192, 1.0, 1234)
