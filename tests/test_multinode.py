@@ -12,7 +12,6 @@ import pytest
 
 import toy_setup
 from megatron_tropd.cli import free_port
-from megatron_tropd.testing import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 3
@@ -21,8 +20,7 @@ ITERS = 3
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("toy"))
-    toy_setup.make_text_files(root)
-    run_distributed(toy_setup.make_checkpoints, world_size=1, args=(root,))
+    toy_setup.make_toy(root)
     return root
 
 
