@@ -28,7 +28,8 @@ EVAL_PROBLEMS=${EVAL_PROBLEMS:-500}
 # over half their iterations, as the schedule needs fewer warm-up than training iterations.
 WARMUP=$(( ITERS < 40 ? ITERS / 2 : 20 ))
 TOY=${TOY:-examples/toy}
-TORCHRUN=(torchrun --standalone --nproc-per-node 2)
+DISTRIBUTED_ARGS=(--standalone --nproc-per-node 2)
+TORCHRUN=(torchrun "${DISTRIBUTED_ARGS[@]}")
 rm -rf "$OUT" && mkdir -p "$OUT"
 
 step "1/6 task data: train prompts and held-out problems (seeded, never overlapping)"
@@ -47,17 +48,18 @@ step "3/6 held-out pass@1 of the student and the teacher before distillation"
   --label student teacher "${EVAL_ARGS[@]}" --output "$OUT/eval_before.json"
 
 step "4/6 TrOPD: $ITERS iterations, 2 processes, TP=2 (TensorBoard: $OUT/tropd/tensorboard)"
-MODEL_ARGS=(--student-load "$OUT/student" --teacher-load "$OUT/teacher"
-            --tensor-model-parallel-size 2)
-DISTILL_ARGS=(--distill-method tropd --outlier-mode fkl --teacher-topk 8
-              --samples-per-prompt 4 --max-new-tokens 64 --temperature 1.0)
-TRAINING_ARGS=(--prompts "$OUT/data/train_prompts.jsonl" --prompt-template plain
-               --max-prompt-length 16 --train-iters "$ITERS" --prompts-per-iteration 8
-               --micro-batch-size 32 --lr "${LR:-5e-4}" --lr-warmup-iters "$WARMUP" --weight-decay 0.0
-               --seed 1)
-OUTPUT_ARGS=(--save "$OUT/tropd" --save-interval "$ITERS" --log-interval 10)
-"${TORCHRUN[@]}" -m megatron_tropd.train "${MODEL_ARGS[@]}" "${DISTILL_ARGS[@]}" \
-  "${TRAINING_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
+MODEL_ARGS=(--student-load "$OUT/student" --teacher-load "$OUT/teacher")
+MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size 2)
+DISTILL_ARGS=(--distill-method tropd --outlier-mode fkl)
+ROLLOUT_ARGS=(--samples-per-prompt 4 --max-new-tokens 64 --temperature 1.0 --teacher-topk 8)
+TRAINING_ARGS=(--train-iters "$ITERS" --prompts-per-iteration 8 --micro-batch-size 32
+               --lr "${LR:-5e-4}" --lr-warmup-iters "$WARMUP" --weight-decay 0.0 --seed 1)
+DATA_ARGS=(--prompts "$OUT/data/train_prompts.jsonl" --prompt-template plain --max-prompt-length 16)
+CHECKPOINT_ARGS=(--save "$OUT/tropd" --save-interval "$ITERS")
+LOGGING_ARGS=(--log-interval 10)
+"${TORCHRUN[@]}" -m megatron_tropd.train "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" \
+  "${DISTILL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" \
+  "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"
 TRAINED=$(printf "%s/iter_%07d" "$OUT/tropd" "$(cat "$OUT/tropd/latest")")
 
 step "5/6 held-out pass@1 of the distilled student"

@@ -47,6 +47,12 @@ def load_weights(directory: str, model) -> dict:
     return model_checkpoint.load_model(directory, model)
 
 
+# The distributed optimizer's state in the format that reshards over TP, PP and DP. megatron-core's
+# default ('fully_sharded_model_space') is deprecated, and saving it fails ("ShardedTensor.
+# flattened_range is not supported"); the plain optimizer ignores this.
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def save(args, run):
     """Save the run at `run.iteration` (collective)."""
     from megatron.core import dist_checkpointing
@@ -62,8 +68,8 @@ def save(args, run):
             os.makedirs(optimizer_dir)
             os.makedirs(os.path.join(tmp, RNG_DIR))
         _barrier()
-        dist_checkpointing.save(run.optimizer.sharded_state_dict(run.model.sharded_state_dict()),
-                                optimizer_dir)
+        dist_checkpointing.save(run.optimizer.sharded_state_dict(
+            run.model.sharded_state_dict(), metadata=_OPTIMIZER_FORMAT), optimizer_dir)
         torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{_rank():05d}.pt"))
     if _rank() == 0:
         _write_latest(args.save, run.iteration)
@@ -89,7 +95,8 @@ def resume(args, run):
     if args.no_load_optim:
         run.optimizer.reload_model_params()
     else:
-        sharded = run.optimizer.sharded_state_dict(run.model.sharded_state_dict(), is_loading=True)
+        sharded = run.optimizer.sharded_state_dict(run.model.sharded_state_dict(), is_loading=True,
+                                                   metadata=_OPTIMIZER_FORMAT)
         run.optimizer.load_state_dict(
             dist_checkpointing.load(sharded, os.path.join(directory, OPTIMIZER_DIR)))
         run.scheduler.load_state_dict(meta["trainer"]["scheduler"])

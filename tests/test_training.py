@@ -30,8 +30,7 @@ METHOD_RUNS = {
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("toy"))
-    toy_setup.make_text_files(root)
-    run_distributed(toy_setup.make_checkpoints, world_size=1, args=(root,))
+    toy_setup.make_toy(root)
     return root
 
 
