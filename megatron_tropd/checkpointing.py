@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd import faults
-from megatron_tropd.initialize import print_rank_0
+from megatron_tropd.initialize import first_error, print_rank_0
 from megatron_tropd.models import checkpoint as model_checkpoint
 from megatron_tropd.models.hf_checkpoint import CheckpointError
 
@@ -131,12 +131,15 @@ def resume(args, run):
         raise CheckpointError(f"cannot resume from {directory}: {e}") from None
     run.iteration = meta["iteration"]
     rng_file = os.path.join(directory, RNG_DIR, f"rank_{_rank():05d}.pt")
+    error = None
     if _same_layout(meta) and os.path.isfile(rng_file):
         try:
             _set_rng_state(torch.load(rng_file, weights_only=False))
         except Exception as e:  # noqa: BLE001 - torch.load raises many types for a corrupt file
-            raise CheckpointError(f"cannot read {rng_file} "
-                                  f"({model_checkpoint.describe_error(e)})") from None
+            error = f"cannot read {rng_file} ({model_checkpoint.describe_error(e)})"
+    failure = first_error(error)  # a rank's own file: the others must stop too
+    if failure is not None:
+        raise CheckpointError(failure)
     print_rank_0(f"resumed from {directory} at iteration {run.iteration}")
 
 

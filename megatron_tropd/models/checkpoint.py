@@ -15,6 +15,7 @@ so a failed save leaves no partial checkpoint behind.
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 
@@ -126,12 +127,17 @@ def read_dist_checkpoint(sharded_state_dict: dict, directory: str) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
+    # torch.distributed.checkpoint logs a traceback to the root logger for a corrupt metadata
+    # file before it raises; the one-line error below says what is wrong
+    logging.disable(logging.WARNING)
     try:
         if not dist_checkpointing.check_is_distributed_checkpoint(directory):
             raise CheckpointError(f"{directory} is not a megatron-core distributed checkpoint")
         return dist_checkpointing.load(sharded_state_dict, directory)
     except (*FILE_ERRORS, CheckpointingException, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read checkpoint {directory} ({describe_error(e)})") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def save_model(directory: str, model, arch: ModelArch, *, source_dir: str = None,
