@@ -193,10 +193,7 @@ CRASH_CASES = {
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("toy"))
-    toy_setup.make_text_files(root)
-    run_distributed(toy_setup.make_checkpoints, world_size=1, args=(root,))
-    return root
+    return toy_setup.make_toy(str(tmp_path_factory.mktemp("toy")))
 
 
 # --- bad inputs, inside one spawned TP=2 job ----------------------------------------------------
