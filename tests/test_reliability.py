@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import io
+import itertools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -577,10 +579,10 @@ ITERS, SAVE_INTERVAL = 8, 2
 LOG_LINE = re.compile(r"^iteration\s+(\d+)/")
 
 
-def _torchrun(root, save, log, fault=None, ignore_usr1=False):
-    """torchrun with two ranks (TP=2) training the toy problem, in a session of its own; stderr
-    goes to the file `log` (warnings could fill a pipe nobody reads)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+def _torchrun(root, save, logs, *extra, fault=None, ignore_usr1=False):
+    """torchrun with two ranks (TP=2) training the toy problem, in a session of its own; stdout and
+    stderr go to files in `logs` (a pipe could be held open by an orphan, see `_finish`)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TROPD_TEST_LAUNCH=str(logs))
     env.pop("TROPD_FAULT", None)
     if fault:
         env["TROPD_FAULT"] = fault
@@ -588,21 +590,38 @@ def _torchrun(root, save, log, fault=None, ignore_usr1=False):
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "megatron_tropd.train",
                *_flags(root, "--save", save, "--save-interval", str(SAVE_INTERVAL),
-                       "--log-interval", "1", iters=ITERS)]
+                       "--log-interval", "1", *extra, iters=ITERS)]
     if ignore_usr1:  # what docs/RELIABILITY.md tells SLURM users to do
         command = ["bash", "-c", "trap '' USR1; exec \"$@\"", "bash", *command]
-    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=open(log, "w"), text=True, start_new_session=True)
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=open(logs / "out.txt", "w"),
+                            stderr=open(logs / "err.txt", "w"), start_new_session=True)
+    proc.logs = logs
+    return proc
 
 
-def _finish(proc, log, out_so_far="", timeout=600):
-    """(exit status, all of stdout, stderr) once `proc` has ended."""
+def _finish(proc, timeout=600):
+    """(exit status, stdout, stderr) once `proc` has ended. A SIGKILLed worker can leave behind
+    the writer process megatron-core's dist_checkpointing spawned (a cluster's job cleanup kills
+    it); the test kills what is left of its launch."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return proc.returncode, out_so_far + out, open(log).read()
+        status = proc.wait(timeout=timeout)
+    finally:
+        for pid in _launched_by(proc.logs):
+            os.kill(pid, signal.SIGKILL)
+    return status, (proc.logs / "out.txt").read_text(), (proc.logs / "err.txt").read_text()
+
+
+def _launched_by(logs):
+    """Processes still running with this launch's TROPD_TEST_LAUNCH marker."""
+    marker = f"TROPD_TEST_LAUNCH={logs}".encode()
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                pids.append(int(pid))
+        except OSError:  # gone, or not ours to read
+            pass
+    return pids
 
 
 def _latest(save):
@@ -626,21 +645,20 @@ def _workers(torchrun_pid):
     return out
 
 
-def _signal_run(root, save, log):
+def _signal_run(root, save, logs):
     """Start a run, wait for its first logged iteration, then SIGUSR1 to torchrun (ignored) and
     SIGTERM to rank 1 only: every rank must stop at the same iteration, after saving."""
-    proc = _torchrun(root, save, log, ignore_usr1=True)
-    seen, logged = "", None
-    for line in proc.stdout:
-        seen += line
-        match = LOG_LINE.match(line)
-        if match:
-            logged = int(match.group(1))
-            break
-    assert logged is not None, "the run logged no iteration"
+    # no interval saves: the checkpoint at the stop is the signal's doing
+    proc = _torchrun(root, save, logs, "--save-interval", "0", ignore_usr1=True)
+    logged = []
+    while not logged and proc.poll() is None:
+        time.sleep(0.2)
+        logged = [int(m.group(1)) for m in map(LOG_LINE.match,
+                                                (logs / "out.txt").read_text().splitlines()) if m]
+    assert logged, "the run logged no iteration"
     os.kill(proc.pid, signal.SIGUSR1)
     os.kill(_workers(proc.pid)[1], signal.SIGTERM)
-    return (logged,) + _finish(proc, log, seen)
+    return (logged[0],) + _finish(proc)
 
 
 def _tensorboard_scalars(save):
@@ -685,9 +703,15 @@ def test_killed_and_signalled_runs_resume_bit_exact(toy, tmp_path):
     drawn by a seeded RNG), stopped by SIGTERM, and finished: the same final weights, optimiser
     state and TensorBoard metrics (each iteration once), and `latest` always at the last
     complete checkpoint."""
-    log = str(tmp_path / "stderr.txt")
+    launches = itertools.count()
+
+    def logs():
+        path = tmp_path / f"launch{next(launches)}"
+        path.mkdir()
+        return path
+
     reference = str(tmp_path / "reference")
-    status, _, err = _finish(_torchrun(toy, reference, log), log)
+    status, _, err = _finish(_torchrun(toy, reference, logs()))
     assert status == 0, err[-3000:]
 
     save = str(tmp_path / "crashed")
@@ -703,7 +727,7 @@ def test_killed_and_signalled_runs_resume_bit_exact(toy, tmp_path):
 
     for phase in ("rollout", "optimizer", "save", "commit"):
         iteration = _kill_iteration(rng, phase, start)
-        status, out, err = _finish(_torchrun(toy, save, log, fault=f"{phase}:{iteration}"), log)
+        status, out, err = _finish(_torchrun(toy, save, logs(), fault=f"{phase}:{iteration}"))
         assert status != 0 and "Signal 9 (SIGKILL)" in err, (phase, status, err[-3000:])
         check_resumed(out)
         # the kill came before this iteration's checkpoint reached `latest`
@@ -712,7 +736,7 @@ def test_killed_and_signalled_runs_resume_bit_exact(toy, tmp_path):
             assert os.path.isdir(os.path.join(save, f"iter_{iteration:07d}"))
         killed_at[phase], previous, start = iteration, phase, _latest(save)
 
-    logged, status, out, err = _signal_run(toy, save, log)
+    logged, status, out, err = _signal_run(toy, save, logs())
     assert status == 0, err[-3000:]
     check_resumed(out)
     stop = _latest(save)
@@ -721,7 +745,7 @@ def test_killed_and_signalled_runs_resume_bit_exact(toy, tmp_path):
     assert _expected(CRASH_CASES["sigterm"], toy, tmp_path, stop=stop) in lines
     assert f"done: {stop} iterations" in lines
 
-    status, out, err = _finish(_torchrun(toy, save, log), log)
+    status, out, err = _finish(_torchrun(toy, save, logs()))
     assert status == 0, err[-3000:]
     assert _resumed_lines(out) == [f"resumed from {save}/iter_{stop:07d} at iteration {stop}"]
     assert not [name for name in os.listdir(save) if name.endswith(".partial")]
