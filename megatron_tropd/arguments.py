@@ -12,8 +12,16 @@ class ArgumentError(ValueError):
     """A bad flag or flag combination: one-line message."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, invalid choice, missing value) as the one line every
+    other error is, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m megatron_tropd.train",
         description="On-policy distillation (TrOPD and baselines) and SFT on megatron-core. "
                     "Run under torchrun: torchrun --nproc-per-node N -m megatron_tropd.train ...",
@@ -123,6 +131,10 @@ def _add_training_args(parser):
     g.add_argument("--epochs-per-rollout", type=int, default=1,
                    help="optimiser steps per rollout batch (PPO-style epochs)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-nonfinite-steps", type=int, default=5,
+                   help="an optimiser step whose loss or gradients hold NaN/Inf is skipped (no "
+                        "weight, Adam or LR-schedule change) with a warning; this many in a row "
+                        "stop the run with an error (1: stop at the first)")
 
 
 def _add_data_args(parser):
@@ -146,6 +158,12 @@ def _add_checkpoint_args(parser):
     g.add_argument("--exit-interval", type=int, default=0,
                    help="save a checkpoint and exit when the iteration is a multiple of this "
                         "(0: never); a later run with the same --save resumes")
+    g.add_argument("--exit-duration-in-mins", type=float, default=0.0,
+                   help="save a checkpoint and exit after the first iteration that ends this many "
+                        "minutes after start-up (0: never). SIGTERM and SIGUSR1 do the same at "
+                        "the end of the current iteration. These stops exit with status 0 and "
+                        "leave <save>/latest below --train-iters; the same command resumes "
+                        "(docs/RELIABILITY.md)")
 
 
 def _add_logging_args(parser):
@@ -227,9 +245,12 @@ def validate_args(args, world_size: int = 1):
         raise ArgumentError("learning rates must satisfy 0 <= --min-lr <= --lr")
     if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.train_iters:
         raise ArgumentError("--lr-warmup-iters must be in [0, --train-iters]")
-    if args.save_interval < 0 or args.keep_last < 0 or args.log_interval < 1 or args.exit_interval < 0:
-        raise ArgumentError("--save-interval, --keep-last and --exit-interval must be >= 0, "
-                            "--log-interval >= 1")
+    if (args.save_interval < 0 or args.keep_last < 0 or args.exit_interval < 0
+            or args.exit_duration_in_mins < 0 or args.log_interval < 1):
+        raise ArgumentError("--save-interval, --keep-last, --exit-interval and "
+                            "--exit-duration-in-mins must be >= 0, --log-interval >= 1")
+    if args.max_nonfinite_steps < 1:
+        raise ArgumentError("--max-nonfinite-steps must be >= 1")
     if args.bf16 and not _cuda_available():
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
     return dp

@@ -8,7 +8,9 @@
 
 A checkpoint is written under a temporary name and renamed when every rank has finished; `latest`
 is replaced atomically after that, and only then are checkpoints beyond `--keep-last` deleted. A
-crash mid-save therefore leaves the previous checkpoint and `latest` intact. Model and optimiser
+crash mid-save therefore leaves the previous checkpoint and `latest` intact; a write that fails (a
+full disk, an unwritable directory) is a one-line `CheckpointError` on every rank, the partial
+directory removed. A missing or corrupt file met on resume is a one-line error too. Model and optimiser
 state are reshardable (load at another TP/PP); the trainer state (iteration, LR schedule, data
 position) lives in megatron_tropd.json. Sampling and trust-test draws are keyed by (seed, sample id,
 position), so a resumed run draws what an uninterrupted one would have.
@@ -17,12 +19,14 @@ position), so a resumed run draws what an uninterrupted one would have.
 import os
 import random
 import shutil
+import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_tropd.initialize import print_rank_0
+from megatron_tropd import faults
+from megatron_tropd.initialize import first_error, print_rank_0
 from megatron_tropd.models import checkpoint as model_checkpoint
 from megatron_tropd.models.hf_checkpoint import CheckpointError
 
@@ -53,35 +57,63 @@ def load_weights(directory: str, model) -> dict:
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def check_writable(directory: str):
+    """Fail at start-up, not at the first save hours later, when `--save` cannot be written (every
+    rank checks: each writes its own shards, maybe on its own node)."""
+    if not directory:
+        return
+    probe = os.path.join(directory, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"--save {directory}: cannot write there ({e.strerror})") from None
+
+
 def save(args, run):
-    """Save the run at `run.iteration` (collective)."""
+    """Save the run at `run.iteration` (collective). A failure on any rank (a full disk, a
+    directory that became unwritable) is a one-line `CheckpointError` on every rank, and the
+    previous checkpoint and `latest` are left as they were."""
     from megatron.core import dist_checkpointing
 
     target = _iteration_dir(args.save, run.iteration)
     state = {"scheduler": run.scheduler.state_dict(), "sampler": run.sampler.state_dict()}
-    with model_checkpoint.atomic_directory(target, overwrite=True) as tmp:
-        model_checkpoint.write_model(tmp, run.model, run.student_arch,
-                                     source_dir=run.student_source, iteration=run.iteration,
-                                     metadata={"trainer": state, "world_size": _world()})
-        optimizer_dir = os.path.join(tmp, OPTIMIZER_DIR)
-        if _rank() == 0:
-            os.makedirs(optimizer_dir)
-            os.makedirs(os.path.join(tmp, RNG_DIR))
-        _barrier()
-        dist_checkpointing.save(run.optimizer.sharded_state_dict(
-            run.model.sharded_state_dict(), metadata=_OPTIMIZER_FORMAT), optimizer_dir)
-        torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{_rank():05d}.pt"))
+    try:
+        with model_checkpoint.atomic_directory(target, overwrite=True) as tmp:
+            model_checkpoint.write_model(tmp, run.model, run.student_arch,
+                                         source_dir=run.student_source, iteration=run.iteration,
+                                         metadata={"trainer": state, "world_size": _world()})
+            faults.point("save", run.iteration)
+            optimizer_dir = os.path.join(tmp, OPTIMIZER_DIR)
+            if _rank() == 0:
+                os.makedirs(optimizer_dir)
+                os.makedirs(os.path.join(tmp, RNG_DIR))
+            _barrier()
+            dist_checkpointing.save(run.optimizer.sharded_state_dict(
+                run.model.sharded_state_dict(), metadata=_OPTIMIZER_FORMAT), optimizer_dir)
+            torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{_rank():05d}.pt"))
+        faults.point("commit", run.iteration)
+        model_checkpoint.on_rank_0(lambda: _write_latest(args.save, run.iteration),
+                                   os.path.join(args.save, LATEST))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {_intact(args.save)}") from None
     if _rank() == 0:
-        _write_latest(args.save, run.iteration)
         _prune(args.save, args.keep_last, run.iteration)
     _barrier()
     print_rank_0(f"saved checkpoint {target}")
 
 
+def _intact(root: str) -> str:
+    """What a failed save left to resume from."""
+    if os.path.isfile(os.path.join(root, LATEST)):
+        return f"{os.path.join(root, LATEST)} still names iteration {_read_latest(root)}"
+    return "no earlier checkpoint to resume from"
+
+
 def resume(args, run):
     """Continue from the latest checkpoint in `--load` (default `--save`), if there is one."""
-    from megatron.core import dist_checkpointing
-
     root = args.load or args.save
     if not root or not os.path.isfile(os.path.join(root, LATEST)):
         if args.load:
@@ -97,14 +129,24 @@ def resume(args, run):
     else:
         sharded = run.optimizer.sharded_state_dict(run.model.sharded_state_dict(), is_loading=True,
                                                    metadata=_OPTIMIZER_FORMAT)
-        run.optimizer.load_state_dict(
-            dist_checkpointing.load(sharded, os.path.join(directory, OPTIMIZER_DIR)))
+        run.optimizer.load_state_dict(model_checkpoint.read_dist_checkpoint(
+            sharded, os.path.join(directory, OPTIMIZER_DIR)))
         run.scheduler.load_state_dict(meta["trainer"]["scheduler"])
-    run.sampler.load_state_dict(meta["trainer"]["sampler"])
+    try:
+        run.sampler.load_state_dict(meta["trainer"]["sampler"])
+    except ValueError as e:  # another --seed, or a prompts file of another size
+        raise CheckpointError(f"cannot resume from {directory}: {e}") from None
     run.iteration = meta["iteration"]
     rng_file = os.path.join(directory, RNG_DIR, f"rank_{_rank():05d}.pt")
+    error = None
     if _same_layout(meta) and os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for a corrupt file
+            error = f"cannot read {rng_file} ({model_checkpoint.describe_error(e)})"
+    failure = first_error(error)  # a rank's own file: the others must stop too
+    if failure is not None:
+        raise CheckpointError(failure)
     print_rank_0(f"resumed from {directory} at iteration {run.iteration}")
 
 

@@ -111,3 +111,22 @@ def print_rank_0(*args, **kwargs):
 def print_rank_last(*args, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
         print(*args, **kwargs, flush=True)
+
+
+def all_reduce_max(values):
+    """Element-wise maximum of a list of ints over every rank (what each rank passes when there is
+    no process group): how ranks agree on a flag that only some of them raised."""
+    flags = torch.tensor([int(v) for v in values], dtype=torch.int64, device=comm_device())
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
+def first_error(error):
+    """The first rank's error message (None on a rank that had none), on every rank, prefixed with
+    that rank when there are several (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((f"rank {rank}: {e}" for rank, e in enumerate(errors) if e is not None), None)

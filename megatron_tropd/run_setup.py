@@ -35,6 +35,7 @@ class Run:
     sft_examples: Optional[list] = None
     teacher_responses: Optional[Callable[[List[List[int]], List[int]], List[List[int]]]] = None
     iteration: int = 0
+    nonfinite_steps: int = 0            # optimiser steps skipped in a row (non-finite loss/grads)
     history: list = dataclasses.field(default_factory=list)
 
 
@@ -45,6 +46,7 @@ def setup_run(args) -> Run:
     from megatron_tropd.data import PromptSampler
 
     student_arch = _arch(args.student_load, args.student_config)
+    tokenizer = _tokenizer(args, student_arch)
     if args.mode == "distill" and args.teacher_topk > student_arch.vocab_size:
         raise arguments.ArgumentError(f"--teacher-topk {args.teacher_topk} exceeds the vocabulary "
                                       f"of {student_arch.vocab_size} ids")
@@ -63,7 +65,6 @@ def setup_run(args) -> Run:
             checkpointing.load_weights(args.teacher_load, teacher)
     ddp, optimizer, scheduler = _optimizer(args, model)
 
-    tokenizer = _tokenizer(args)
     examples = _data(args, tokenizer)
     dp_rank = parallel_state.get_data_parallel_rank()
     sampler = PromptSampler(len(examples), args.prompts_per_iteration, dp_rank,
@@ -88,13 +89,22 @@ def _arch(load_dir, config_path) -> ModelArch:
     return ModelArch.from_file(load_dir or config_path)
 
 
-def _tokenizer(args):
-    from megatron_tropd.tokenizer import TokenizerError, load_tokenizer
+def _tokenizer(args, student_arch: ModelArch):
+    """The student's tokenizer, checked against the student's vocabulary and, when the teacher
+    checkpoint carries tokenizer files, against the teacher's tokenizer."""
+    from megatron_tropd.tokenizer import (TokenizerError, check_same_tokens, has_tokenizer,
+                                          load_tokenizer)
 
     path = args.tokenizer or args.student_load
     if path is None:
         raise TokenizerError("no tokenizer: give --tokenizer (the student was built from a config)")
-    return load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > student_arch.vocab_size:
+        raise TokenizerError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, more "
+                             f"than the student's vocabulary of {student_arch.vocab_size}")
+    if args.mode == "distill" and args.teacher_load and has_tokenizer(args.teacher_load):
+        check_same_tokens(tokenizer, load_tokenizer(args.teacher_load))
+    return tokenizer
 
 
 def _data(args, tokenizer):

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import sentencepiece
 
 TEMPLATES = ("auto", "chat", "plain")
+HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+SP_FILE = "tokenizer.model"
 
 
 class TokenizerError(ValueError):
@@ -67,6 +69,10 @@ class Tokenizer:
         """Ids of `messages` ({role, content} dicts) ready for the assistant's reply."""
         return self.encode(plain_chat_text(messages))
 
+    def tokens(self) -> list[str]:
+        """Every id's token string, in id order."""
+        raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file):
@@ -87,6 +93,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids):
         # Control pieces (bos, eos, pad) decode to nothing.
         return self._sp.decode(list(ids))
+
+    def tokens(self):
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
 
 class HFTokenizer(Tokenizer):
@@ -115,6 +124,9 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids):
         return self._hf.decode(list(ids), skip_special_tokens=True)
 
+    def tokens(self):
+        return self._hf.convert_ids_to_tokens(list(range(self.vocab_size)))
+
     def encode_chat(self, messages):
         if not self.has_chat_template:
             return super().encode_chat(messages)
@@ -133,6 +145,26 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def check_same_tokens(student: Tokenizer, teacher: Tokenizer):
+    """Distillation compares the two models' probabilities id by id, so both tokenizers must give
+    every id the same token: a one-line `TokenizerError` at the first id where they differ."""
+    a, b = student.tokens(), teacher.tokens()
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            raise TokenizerError(f"student and teacher tokenizers differ at id {i} ({x!r} in "
+                                 f"{student.path}, {y!r} in {teacher.path}): distillation needs "
+                                 f"the same tokenizer")
+    if len(a) != len(b):
+        raise TokenizerError(f"student and teacher tokenizers differ in size ({len(a)} ids in "
+                             f"{student.path}, {len(b)} in {teacher.path}): distillation needs "
+                             f"the same tokenizer")
+
+
+def has_tokenizer(directory) -> bool:
+    """Whether a checkpoint directory carries tokenizer files (a converted HF model does)."""
+    return any((Path(directory) / name).is_file() for name in HF_FILES + (SP_FILE,))
+
+
 def load_tokenizer(path) -> Tokenizer:
     """The tokenizer at `path`: a SentencePiece model file or a tokenizer directory."""
     path = Path(path)
@@ -140,10 +172,10 @@ def load_tokenizer(path) -> Tokenizer:
         return SentencePieceTokenizer(path)
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such tokenizer file or directory")
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+    if any((path / name).is_file() for name in HF_FILES):
         return HFTokenizer(path)
-    if (path / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(path / "tokenizer.model")
+    if (path / SP_FILE).is_file():
+        return SentencePieceTokenizer(path / SP_FILE)
     raise TokenizerError(f"{path}: holds no tokenizer.json, tokenizer_config.json or "
                          f"tokenizer.model")
 

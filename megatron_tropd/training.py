@@ -27,17 +27,19 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_tropd import arguments, checkpointing, run_setup
+from megatron_tropd import arguments, checkpointing, faults, run_setup
 from megatron_tropd.distill import losses
 from megatron_tropd.distill.inputs import token_inputs
 from megatron_tropd.distill.teacher import score as teacher_score
 from megatron_tropd.distill.token_selection import (selection_fraction, selection_scores,
                                                     top_fraction_mask)
-from megatron_tropd.initialize import comm_device, initialize_distributed, print_rank_0
+from megatron_tropd.initialize import (all_reduce_max, comm_device, initialize_distributed,
+                                       print_rank_0)
 from megatron_tropd.monitor import MetricsLogger
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout import prefix as prefix_schedule
 from megatron_tropd.rollout.generate import SamplingParams, generate
+from megatron_tropd.stopping import StopConditions
 
 # Keys of the trust-test uniforms: distinct from the sampler's, same (sample id, column) indexing.
 _TRUST_SEED_OFFSET = 0x7F4A7C15
@@ -66,7 +68,10 @@ class TrainBatch:
 
 
 def main(argv=None):
-    """Console entry point: bad input of any kind ends with a one-line `error: ...`, exit code 2."""
+    """Console entry point. Exit status: 0 when the run finished or stopped early on a signal,
+    --exit-duration-in-mins or --exit-interval (a checkpoint saved; the same command resumes);
+    2 with a one-line `error: ...` for bad input of any kind and for a run that cannot go on (a
+    checkpoint that cannot be written, too many non-finite steps in a row)."""
     from megatron_tropd.data import DataError
     from megatron_tropd.initialize import ParallelConfigError
     from megatron_tropd.models.arch import ArchitectureError
@@ -78,14 +83,21 @@ def main(argv=None):
     try:
         train(args)
     except (arguments.ArgumentError, ArchitectureError, CheckpointError, DataError,
-            GenerationError, ParallelConfigError, TokenizerError) as e:
+            GenerationError, NonFiniteError, ParallelConfigError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
+class NonFiniteError(RuntimeError):
+    """`--max-nonfinite-steps` optimiser steps in a row had a non-finite loss or gradient."""
+
+
 def train(args):
-    """Set up, resume if a checkpoint is there, and run `args.train_iters` iterations."""
+    """Set up, resume if a checkpoint is there, and run `args.train_iters` iterations, or fewer
+    when a stop condition (signal, time, --exit-interval) says so after an iteration."""
+    stop = StopConditions(args)  # the --exit-duration-in-mins clock starts here
     dp = arguments.validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    checkpointing.check_writable(args.save)
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            args.seed)
     run = run_setup.setup_run(args)  # models, optimiser, scheduler, data, resumed state
@@ -94,28 +106,31 @@ def train(args):
                  f"{'' if args.mode == 'sft' else ' ' + args.method} for {args.train_iters} "
                  f"iterations from iteration {run.iteration} (DP={dp}, "
                  f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size})")
-    while run.iteration < args.train_iters:
-        step = run.iteration
-        timings = {}
-        if args.mode == "sft":
-            batch, batch_metrics = timed(timings, "data", sft_batch, args, run)
-        else:
-            rollout, batch_metrics = timed(timings, "rollout", rollouts, args, run, step)
-            signals = timed(timings, "teacher", teacher_score, run.teacher, rollout,
-                            run.vocab_size, args.teacher_topk, run.needs.teacher_full,
-                            args.micro_batch_size)
-            batch, teacher_metrics = distill_batch(args, run, rollout, signals, step)
-            batch_metrics.update(teacher_metrics)
-        metrics = timed(timings, "train", update, args, run, batch)
-        run.iteration += 1
-        logger.log(run.iteration, {**_reduce_over_data_parallel(batch_metrics), **metrics},
-                   timings, run.scheduler)
-        exiting = bool(args.exit_interval) and run.iteration % args.exit_interval == 0
-        if checkpointing.due(args, run.iteration) or (exiting and args.save):
-            timed(timings, "checkpoint", checkpointing.save, args, run)
-        if exiting and run.iteration < args.train_iters:
-            print_rank_0(f"exiting at iteration {run.iteration} (--exit-interval)")
-            break
+    with stop:  # from here on SIGTERM / SIGUSR1 finish the iteration and save
+        while run.iteration < args.train_iters:
+            step = run.iteration
+            timings = {}
+            if args.mode == "sft":
+                batch, batch_metrics = timed(timings, "data", sft_batch, args, run)
+            else:
+                rollout, batch_metrics = timed(timings, "rollout", rollouts, args, run, step)
+                signals = timed(timings, "teacher", teacher_score, run.teacher, rollout,
+                                run.vocab_size, args.teacher_topk, run.needs.teacher_full,
+                                args.micro_batch_size)
+                batch, teacher_metrics = distill_batch(args, run, rollout, signals, step)
+                batch_metrics.update(teacher_metrics)
+            metrics = timed(timings, "train", update, args, run, batch)
+            run.iteration += 1
+            logger.log(run.iteration, {**_reduce_over_data_parallel(batch_metrics), **metrics},
+                       timings, run.scheduler)
+            reason = stop.reason(run.iteration)  # collective: every rank stops at one iteration
+            if checkpointing.due(args, run.iteration) or (reason and args.save):
+                timed(timings, "checkpoint", checkpointing.save, args, run)
+            if reason and run.iteration < args.train_iters:
+                print_rank_0(f"stopped at iteration {run.iteration} of {args.train_iters} "
+                             f"({reason}): " + ("the same command resumes from the checkpoint"
+                                                if args.save else "nothing saved (no --save)"))
+                break
     logger.close()
     print_rank_0(f"done: {run.iteration} iterations")
     run.history = logger.history
@@ -137,6 +152,7 @@ def rollouts(args, run, step):
     its batch-level metrics."""
     global_position = run.sampler.consumed_samples  # before this iteration's draw
     indices = run.sampler.next_indices()
+    faults.point("rollout", step + 1)
     prompts = [run.prompts[i].prompt_ids for i in indices]
     rows_per_prompt = args.samples_per_prompt + _prefix_rows(args)
     local = len(prompts)
@@ -243,8 +259,14 @@ def update(args, run, batch: TrainBatch):
             num_microbatches=len(micro_batches), seq_length=batch.tokens.shape[1],
             micro_batch_size=mbs, forward_only=False,
         )
-        _, grad_norm, _ = run.optimizer.step()
-        run.scheduler.step(increment=1)
+        if _all_finite(run, reduced):
+            _, grad_norm, _ = run.optimizer.step()
+            faults.point("optimizer", run.iteration + 1)
+            run.scheduler.step(increment=1)
+            run.nonfinite_steps = 0
+        else:
+            grad_norm = float("nan")
+            _skip_nonfinite_step(args, run)
         for metrics in reduced:
             for name, (total, count) in metrics.items():
                 t, c = totals.get(name, (0.0, 0.0))
@@ -252,6 +274,29 @@ def update(args, run, batch: TrainBatch):
     out = _reduce_over_data_parallel(totals)
     out["grad_norm"] = (torch.tensor(float(grad_norm or 0.0)), torch.tensor(1.0))
     return out
+
+
+def _all_finite(run, reduced) -> bool:
+    """Whether every micro-batch loss and every gradient is finite, on every rank (collective:
+    the loss lives on the last pipeline stage, the gradients are sharded over TP and PP)."""
+    finite = all(bool(torch.isfinite(metrics["loss"][0])) for metrics in reduced)
+    finite = finite and all(bool(torch.isfinite(buffer.grad_data).all())
+                            for buffer in run.ddp.buffers + run.ddp.expert_parallel_buffers)
+    return not all_reduce_max([not finite])[0]
+
+
+def _skip_nonfinite_step(args, run):
+    """No optimiser or LR-schedule step (weights and Adam state stay as they were; the gradients
+    are zeroed before the next step); stop after --max-nonfinite-steps in a row."""
+    run.nonfinite_steps += 1
+    iteration = run.iteration + 1
+    if run.nonfinite_steps >= args.max_nonfinite_steps:
+        raise NonFiniteError(f"{run.nonfinite_steps} optimiser steps in a row had a non-finite "
+                             f"loss or gradient (the last at iteration {iteration}): lower --lr, "
+                             f"check the data, or raise --max-nonfinite-steps")
+    print_rank_0(f"warning: iteration {iteration}: non-finite loss or gradient, optimiser step "
+                 f"skipped ({run.nonfinite_steps} in a row, --max-nonfinite-steps "
+                 f"{args.max_nonfinite_steps})")
 
 
 def _forward_step(args, run, data_iterator, model):

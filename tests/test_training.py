@@ -29,9 +29,7 @@ METHOD_RUNS = {
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("toy"))
-    toy_setup.make_toy(root)
-    return root
+    return toy_setup.make_toy(str(tmp_path_factory.mktemp("toy")))
 
 
 # --- inside spawned processes -------------------------------------------------------------------

@@ -59,12 +59,13 @@ def make_checkpoints(root: str, teacher_logit_scale: float = TEACHER_LOGIT_SCALE
     save_model(os.path.join(root, "teacher"), teacher, TEACHER)
 
 
-def make_toy(root: str):
-    """The whole toy problem in `root`: text files, then the checkpoints (one spawned process)."""
+def make_toy(root: str) -> str:
+    """The whole toy problem in `root` (checkpoints made in a spawned process); returns `root`."""
     from megatron_tropd.testing import run_distributed
 
     make_text_files(root)
     run_distributed(make_checkpoints, world_size=1, args=(root,))
+    return root
 
 
 def train_args(root: str, *extra: str, iters: int = 3, method: str = "tropd"):

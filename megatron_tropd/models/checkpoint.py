@@ -15,18 +15,24 @@ so a failed save leaves no partial checkpoint behind.
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_tropd.initialize import first_error
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.hf_checkpoint import CheckpointError, copy_companion_files
 
 FORMAT_VERSION = 1
 METADATA_FILE = "megatron_tropd.json"
 WEIGHTS_DIR = "model"
+# What a full or unwritable disk, or a missing or corrupt file, raises (torch.distributed.checkpoint
+# gathers every rank's exceptions into a CheckpointException, a BaseException).
+FILE_ERRORS = (OSError, CheckpointException)
 
 
 def _rank() -> int:
@@ -52,28 +58,86 @@ def check_output_dir(target: str, overwrite: bool):
 
 @contextlib.contextmanager
 def atomic_directory(target: str, overwrite: bool = False):
-    """Yield a fresh directory next to `target` that becomes `target` when the block succeeds and
-    is removed when it fails. Collective when torch.distributed is initialised (every rank gets
-    the same path; rank 0 touches the file system)."""
+    """Yield a fresh directory next to `target` that becomes `target` when the block succeeds on
+    every rank and is removed when it fails on any. Collective when torch.distributed is
+    initialised (every rank gets the same path; rank 0 touches the file system): a rank whose
+    block fails tells the others, and every rank raises a one-line `CheckpointError` naming the
+    first failure (a failure that is not a file-system one keeps its own exception and traceback
+    on the rank where it happened). Two limits: `overwrite` removes an existing `target` just
+    before the rename, and a rank that fails inside a collective of megatron-core's
+    dist_checkpointing leaves the others waiting in it until the process-group timeout."""
     check_output_dir(target, overwrite)
     target = os.path.abspath(target)
     partial = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial")
-    if _rank() == 0:
+
+    def fresh():
         shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed
         os.makedirs(partial)
-    _barrier()
+
+    on_rank_0(fresh, target)
+    error = None
     try:
         yield partial
-        _barrier()
-        if _rank() == 0:
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.rename(partial, target)
-        _barrier()
-    except BaseException:
+    except BaseException as e:  # noqa: BLE001 - reported to every rank, then raised
+        error = e
+    failure = first_error(None if error is None else describe_error(error))
+    if failure is not None:
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        raise
+        if error is not None and not isinstance(error, FILE_ERRORS):
+            raise error
+        raise CheckpointError(f"cannot write {target} ({failure})") from None
+
+    def commit():
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(partial, target)
+
+    on_rank_0(commit, target)
+
+
+def on_rank_0(fn, target: str):
+    """Run `fn` on rank 0; if it fails, every rank raises the same one-line error (collective)."""
+    error = None
+    if _rank() == 0:
+        try:
+            fn()
+        except FILE_ERRORS as e:
+            error = describe_error(e)
+    failure = first_error(error)
+    if failure is not None:
+        raise CheckpointError(f"cannot write {target} ({failure})")
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a file-system or dist_checkpointing failure: the OS's reason and the file, or
+    the first failing rank's exception inside megatron-core / torch.distributed.checkpoint."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (inner, _) = min(error.failures.items())
+        return describe_error(inner)
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def read_dist_checkpoint(sharded_state_dict: dict, directory: str) -> dict:
+    """megatron-core's `dist_checkpointing.load`, with a missing or corrupt file reported as a
+    one-line `CheckpointError` (collective)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    # torch.distributed.checkpoint logs a traceback to the root logger for a corrupt metadata
+    # file before it raises; the one-line error below says what is wrong
+    logging.disable(logging.WARNING)
+    try:
+        if not dist_checkpointing.check_is_distributed_checkpoint(directory):
+            raise CheckpointError(f"{directory} is not a megatron-core distributed checkpoint")
+        return dist_checkpointing.load(sharded_state_dict, directory)
+    except (*FILE_ERRORS, CheckpointingException, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {directory} ({describe_error(e)})") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def save_model(directory: str, model, arch: ModelArch, *, source_dir: str = None,
@@ -139,13 +203,8 @@ def params_dtype(metadata: dict) -> torch.dtype:
 def load_model(directory: str, model) -> dict:
     """Load a checkpoint's weights into this model (built at any TP/PP; collective) and return
     its metadata."""
-    from megatron.core import dist_checkpointing
-
     meta = read_metadata(directory)
-    weights = os.path.join(directory, WEIGHTS_DIR)
-    if not dist_checkpointing.check_is_distributed_checkpoint(weights):
-        raise CheckpointError(f"{weights} is not a megatron-core distributed checkpoint")
-    state = dist_checkpointing.load(model.sharded_state_dict(), weights)
+    state = read_dist_checkpoint(model.sharded_state_dict(), os.path.join(directory, WEIGHTS_DIR))
     model.load_state_dict(state)
     return meta
 
