@@ -100,10 +100,36 @@ def word_tokenizer(root, vocab_size):
     return path
 
 
-def prompt_texts(n, length, vocab_size, seed=0):
+def pair(name, root):
+    """HF directories of the `name` pair's student and teacher, and their vocabulary size."""
+    if name == "toy":
+        with open(os.path.join(TOY, "student", "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        return {r: os.path.join(TOY, r) for r in ("student", "teacher")}, vocab
+    return large_pair(root), LARGE_VOCAB
+
+
+def write_prompts(root, opt, vocab_size, seed=0):
+    """A JSONL of enough prompts for every iteration, `opt.prompt_length` random ids each (one
+    length: no trainer's batch holds more padding than another's)."""
     g = torch.Generator().manual_seed(seed)
-    return [" ".join(f"t{i}" for i in torch.randint(1, vocab_size, (length,), generator=g).tolist())
-            for _ in range(n)]
+    path = os.path.join(root, "prompts.jsonl")
+    with open(path, "w") as f:
+        for _ in range(opt.prompts * (opt.iterations + 1)):
+            ids = torch.randint(1, vocab_size, (opt.prompt_length,), generator=g).tolist()
+            f.write(json.dumps({"prompt": " ".join(f"t{i}" for i in ids)}) + "\n")
+    return path
+
+
+def megatron_checkpoints(pair_dirs, root):
+    """Our checkpoints of the HF pair (converted at TP=1; they load at any TP)."""
+    from megatron_tropd.testing import run_distributed
+
+    ckpt = {}
+    for role, hf_dir in pair_dirs.items():
+        ckpt[role] = os.path.join(root, f"megatron-{role}")
+        run_distributed(_convert, world_size=1, args=(hf_dir, ckpt[role]))
+    return ckpt
 
 
 # --- ours -----------------------------------------------------------------------------------------
@@ -260,23 +286,11 @@ def main():
 
     work = tempfile.TemporaryDirectory()
     root = work.name
-    if opt.pair == "toy":
-        pair_dirs = {r: os.path.join(TOY, r) for r in ("student", "teacher")}
-        vocab = json.load(open(os.path.join(TOY, "student", "config.json")))["vocab_size"]
-    else:
-        pair_dirs, vocab = large_pair(root), LARGE_VOCAB
+    pair_dirs, vocab = pair(opt.pair, root)
     tokenizer_dir = word_tokenizer(root, vocab)
-    prompts = prompt_texts(opt.prompts * (opt.iterations + 1), opt.prompt_length, vocab)
-    prompts_file = os.path.join(root, "prompts.jsonl")
-    with open(prompts_file, "w") as f:
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
-
-    from megatron_tropd.testing import run_distributed
-
-    ckpt = {}
-    for role, hf_dir in pair_dirs.items():
-        ckpt[role] = os.path.join(root, f"megatron-{role}")
-        run_distributed(_convert, world_size=1, args=(hf_dir, ckpt[role]))
+    prompts_file = write_prompts(root, opt, vocab)
+    prompts = [json.loads(line)["prompt"] for line in open(prompts_file)]
+    ckpt = megatron_checkpoints(pair_dirs, root)
 
     runners = {
         "trl_distill": lambda: trl_distill(opt, pair_dirs, tokenizer_dir, prompts),
