@@ -182,18 +182,11 @@ def _worker(argv, save_interval, device_type):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pair", choices=("toy", "large"), default="toy")
+    vs_trl.add_work_arguments(parser)
     parser.add_argument("--iterations", type=int, default=4, help="measured (plus one warm-up)")
     parser.add_argument("--method", default="opd", help="--distill-method of the run")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--save-interval", type=int, default=20,
                         help="checkpointing's share is one save divided by this")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--nproc", type=int, default=None, help="cpu: 2, cuda: 1")
-    parser.add_argument("--tp", type=int, default=1)
     opt = parser.parse_args()
     opt.nproc = opt.nproc or (2 if opt.device == "cpu" else 1)
 

@@ -264,11 +264,9 @@ def trl_gkd(opt, pair_dirs, tokenizer_dir, prompts):
 # --- the comparison -------------------------------------------------------------------------------
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_work_arguments(parser):
+    """The models, the work per iteration and our layout (shared with `step_profile.py`)."""
     parser.add_argument("--pair", choices=("toy", "large"), default="toy")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=4, help="per run; the first is warm-up")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -276,6 +274,13 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--nproc", type=int, default=None, help="our processes (cpu: 2, cuda: 1)")
     parser.add_argument("--tp", type=int, default=1, help="our tensor-parallel size")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_work_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=4, help="per run; the first is warm-up")
     parser.add_argument("--trl-threads", type=int, default=None,
                         help="torch threads of the TRL process (default: one per core)")
     parser.add_argument("--runs", default="trl_distill,trl_gkd,ours_opd,ours_rkl")
