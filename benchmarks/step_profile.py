@@ -11,9 +11,10 @@ ranks, the warm-up iteration dropped:
   rollout          student generation (`training.rollouts`), its collectives excluded
   teacher          teacher scoring (`distill.teacher.score`), its collectives excluded
   student fwd/bwd  the update's forward and backward passes and losses, collectives excluded
-  optimiser        gradient finalisation and the optimiser step, collectives excluded
-  communication    every torch.distributed collective, in all phases (on CPU, gloo: this
-                   includes waiting for the other rank)
+  optimiser        the optimiser step (gradient clipping, Adam), collectives excluded
+  communication    every torch.distributed collective, in all phases, and the whole gradient
+                   finalisation (data-parallel all-reduce of the gradients, scaling by the
+                   global token count); on CPU (gloo) this includes waiting for the other rank
   checkpointing    one save (`checkpointing.save`) divided by `--save-interval`
   other            the rest of the iteration (distillation inputs, metrics, logging)
 
@@ -130,7 +131,7 @@ class Profiler:
             run = original_setup(args)
             run.optimizer.step = self._timer("optimiser", run.optimizer.step)
             run.model.config.finalize_model_grads_func = self._timer(
-                "optimiser", run.model.config.finalize_model_grads_func)
+                "gradient sync", run.model.config.finalize_model_grads_func)
             return run
 
         def update(args, run, batch):
@@ -146,13 +147,17 @@ class Profiler:
             def exclusive(name):
                 return it.get(name, 0.0) - it.get(f"communication in {name}", 0.0)
 
+            sync = it.get("gradient sync", 0.0)
             seconds = {
                 "rollout": exclusive("rollout"),
                 "teacher": exclusive("teacher"),
-                "student fwd/bwd": exclusive("train") - it.get("optimiser", 0.0),
+                "student fwd/bwd": exclusive("train") - it.get("optimiser", 0.0) - sync,
                 "optimiser": exclusive("optimiser"),
-                "communication": it.get("communication", 0.0)
-                - it.get("communication in checkpoint", 0.0),
+                # megatron's DDP all-reduces the gradient buckets in a coalescing context whose
+                # wait the collective wrappers do not see: the whole finalisation counts here
+                "communication": it.get("communication", 0.0) + sync
+                - it.get("communication in checkpoint", 0.0)
+                - it.get("communication in gradient sync", 0.0),
                 "checkpointing": it.get("checkpoint", 0.0) / save_interval,
             }
             wall = nxt["start"] - it["start"] - it.get("checkpoint", 0.0) + seconds["checkpointing"]
