@@ -33,5 +33,7 @@ setup(
     extras_require={
         "dev": ["pytest", "matplotlib"],  # matplotlib: plots of tools/run_results.py
         "gpu": ["transformer-engine[pytorch]"],
+        # benchmarks/vs_trl.py only; pip keeps an installed torch that satisfies TRL
+        "bench": ["trl==1.16.0", "datasets", "accelerate"],
     },
 )

@@ -18,7 +18,10 @@ class MetricsLogger:
         self.is_writer = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         self.start_iteration = start_iteration
         self.start_time = time.perf_counter()
-        self.history = []  # per iteration: {name: mean}, for tests and tools
+        self.last_time = self.start_time
+        # per iteration: {name: mean}, throughputs and `<phase>_s` seconds (`iteration_s`: the
+        # wall time since the previous iteration was logged), for tests, tools and benchmarks
+        self.history = []
         self.writer = None
         log_dir = args.tensorboard_dir or (f"{args.save}/tensorboard" if args.save else None)
         if self.is_writer and log_dir:
@@ -28,12 +31,16 @@ class MetricsLogger:
 
     def log(self, iteration: int, sums: dict, timings: dict, scheduler):
         """`sums`: name -> (sum, count) over the global batch; `timings`: phase -> seconds."""
+        now = time.perf_counter()
+        timings = {**timings, "iteration": now - self.last_time}
+        self.last_time = now
         if not self.is_writer:
             return
         means = {name: float(s) / float(c) for name, (s, c) in sums.items() if float(c) > 0}
         means["lr"] = scheduler.optimizer.param_groups[0]["lr"]
         throughput = self._throughput(sums, timings)
-        self.history.append({**means, **throughput})
+        self.history.append({**means, **throughput,
+                             **{f"{phase}_s": seconds for phase, seconds in timings.items()}})
         if self.writer is not None:
             for name, value in means.items():
                 self.writer.add_scalar(f"train/{name}", value, iteration)

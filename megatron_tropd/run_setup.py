@@ -139,6 +139,7 @@ def _optimizer(args, model):
         ),
         [ddp],
     )
+    _fused_cpu_adam(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
         min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
@@ -147,6 +148,20 @@ def _optimizer(args, model):
         wd_incr_steps=args.train_iters * args.epochs_per_rollout, wd_incr_style="constant",
     )
     return ddp, optimizer, scheduler
+
+
+def _fused_cpu_adam(optimizer):
+    """Without apex or TransformerEngine megatron-core steps with torch's Adam(W), which for CPU
+    tensors picks neither its foreach nor its fused implementation but a Python loop of about ten
+    elementwise ops per parameter tensor; its fused CPU kernel makes one pass per tensor (optimiser
+    step of a 52M-parameter student 5x to 15x faster on the project's machine). GPU runs keep
+    megatron's choice."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if isinstance(inner, torch.optim.Adam) and all(p.device.type == "cpu" for p in params):
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def _teacher_responses(args, run):

@@ -115,8 +115,8 @@ def train(args):
             else:
                 rollout, batch_metrics = timed(timings, "rollout", rollouts, args, run, step)
                 signals = timed(timings, "teacher", teacher_score, run.teacher, rollout,
-                                run.vocab_size, args.teacher_topk, run.needs.teacher_full,
-                                args.micro_batch_size)
+                                run.vocab_size, args.teacher_topk if run.needs.topk else 0,
+                                run.needs.teacher_full, args.micro_batch_size)
                 batch, teacher_metrics = distill_batch(args, run, rollout, signals, step)
                 batch_metrics.update(teacher_metrics)
             metrics = timed(timings, "train", update, args, run, batch)

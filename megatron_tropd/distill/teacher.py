@@ -30,8 +30,8 @@ class TeacherSignals:
         mask: `[B, T]` bool, the scored tokens (the batch's `response_mask`).
         token_log_probs: `[B, T]` float32, `lp_T` of the token in the sequence.
         topk_log_probs: `[B, T, k]` float32, the teacher's k largest log-probs (normalised over
-            the full vocabulary), descending.
-        topk_ids: `[B, T, k]` int64, their global token ids.
+            the full vocabulary), descending; None when scored with `top_k=0`.
+        topk_ids: `[B, T, k]` int64, their global token ids; None with `top_k=0`.
         entropy: `[B, T]` float32, entropy of the teacher's full-vocabulary distribution.
         log_probs: `[B, T, V/tp]` the teacher's log-probs over this rank's vocabulary shard
             (padded columns -inf), only when asked for; None otherwise.
@@ -39,8 +39,8 @@ class TeacherSignals:
 
     mask: torch.Tensor
     token_log_probs: torch.Tensor
-    topk_log_probs: torch.Tensor
-    topk_ids: torch.Tensor
+    topk_log_probs: Optional[torch.Tensor]
+    topk_ids: Optional[torch.Tensor]
     entropy: torch.Tensor
     log_probs: Optional[torch.Tensor] = None
 
@@ -61,7 +61,9 @@ def score(teacher, batch: RolloutBatch, vocab_size: int, top_k: int = DEFAULT_TO
     Args:
         teacher: this rank's stage of the teacher GPTModel (same TP/PP groups as the student).
         vocab_size: the true vocabulary shared by student and teacher.
-        top_k: how many of the teacher's most likely tokens to keep per position.
+        top_k: how many of the teacher's most likely tokens to keep per position (0: none, for
+            losses without top-k terms; it saves a top-k over the vocabulary shard and its
+            all-gather).
         full_log_probs: also keep the log-prob shard over the local vocabulary.
         micro_batch_size: rows per forward (default: the whole batch); must divide the batch.
     Returns: `TeacherSignals` on the last pipeline stage, None on the others.
@@ -115,12 +117,12 @@ def _signals(tokens, mask, vocab_size, top_k, full_log_probs, logits, non_loss_d
         out[mask] = values
         return out
 
-    topk_lp, topk_ids = vp.topk_log_probs(predicting, top_k, vocab_size)
+    topk_lp, topk_ids = vp.topk_log_probs(predicting, top_k, vocab_size) if top_k else (None, None)
     return TeacherSignals(
         mask=mask,
         token_log_probs=aligned(vp.token_log_probs(predicting, targets, vocab_size).float()),
-        topk_log_probs=aligned(topk_lp, top_k),
-        topk_ids=aligned(topk_ids, top_k),
+        topk_log_probs=aligned(topk_lp, top_k) if top_k else None,
+        topk_ids=aligned(topk_ids, top_k) if top_k else None,
         entropy=aligned(vp.entropy(predicting, vocab_size).float()),
         log_probs=aligned(vp.log_softmax(predicting, vocab_size), logits.shape[-1])
         if full_log_probs else None,

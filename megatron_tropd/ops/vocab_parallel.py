@@ -14,6 +14,7 @@ Shapes: `logits [..., Vl]` (any leading dims, flattened to rows internally), per
 `group=None` means megatron's tensor-model-parallel group.
 """
 
+import functools
 import math
 
 import torch
@@ -184,6 +185,27 @@ def log_probs_at(logits, ids, vocab_size: int, group=None):
 def token_log_probs(logits, token_ids, vocab_size: int, group=None):
     """Log-probability of one global id per row, `token_ids [...]` -> `[...]`."""
     return log_probs_at(logits, token_ids.unsqueeze(-1), vocab_size, group).squeeze(-1)
+
+
+def token_log_probs_and_entropy(logits, token_ids, vocab_size: int, group=None):
+    """`(token_log_probs(...), entropy(...))` in float32 without gradient, sharing one
+    log-normaliser and one all-reduce: what a sampler records per step."""
+    group = _group(group)
+    with torch.no_grad():
+        z, start, n_valid = _rows(logits, vocab_size, group)
+        log_z = _log_normalizer(z, group)
+        sums = torch.zeros(2, z.shape[0], dtype=torch.float32, device=logits.device)
+        local = token_ids.reshape(-1, 1) - start
+        here = (local >= 0) & (local < n_valid)
+        if n_valid > 0:
+            picked = z.gather(1, local.clamp(0, n_valid - 1)).float()
+            sums[0] = torch.where(here, picked, 0.0).squeeze(1)
+        for rows in _row_chunks(*z.shape):
+            lp = z[rows].float() - log_z[rows, None]
+            sums[1, rows] = -(lp.exp() * lp).sum(dim=1)
+        _all_reduce(sums, dist.ReduceOp.SUM, group)
+        shape = logits.shape[:-1]
+        return (sums[0] - log_z).view(shape), sums[1].view(shape)
 
 
 # --- full-vocabulary reductions: entropy, KL, JSD -----------------------------------------------
@@ -401,10 +423,17 @@ def uniform_from_keys(keys):
     return (_shr(_splitmix64(keys), 11).double() + 0.5) * 2.0**-53
 
 
+@functools.lru_cache(maxsize=8)
+def _id_hashes(start: int, n: int, device: torch.device):
+    """`splitmix64` of the global ids `start..start+n-1`: the same at every decode step, so
+    computed once per shard (a full-vocabulary hash was about half of the noise's cost)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _splitmix64(torch.arange(start, start + n, dtype=torch.long, device=device))
+
+
 def _gumbel(keys, start: int, n: int):
     """Gumbel(0,1) noise `[N, n]` for global ids `start..start+n-1` of rows with `keys [N]`."""
-    ids = torch.arange(start, start + n, dtype=torch.long, device=keys.device)
-    u = uniform_from_keys(keys[:, None] + _splitmix64(ids)[None, :])
+    u = uniform_from_keys(keys[:, None] + _id_hashes(start, n, keys.device)[None, :])
     return -torch.log(-torch.log(u))
 
 

@@ -110,6 +110,12 @@ def generate(
     # A teacher prefix that ends in a stop id leaves the row nothing to sample.
     done = (prefix_lengths > 0) & torch.isin(tokens[:, width - 1], stop_ids)
 
+    # The sampler's key of every row and step, made once: (seed, sample id, response position).
+    keys = (vp.sampling_keys(params.seed, sample_ids[:, None],
+                             prefix_lengths[:, None] + torch.arange(params.max_new_tokens,
+                                                                    device=device))
+            if params.temperature > 0 else None)
+
     stage = GenerationStage(model, max_length)
     kv_cache = KVCache(model, n_rows, max_length, stage.rope) if use_kv_cache else None
     fast_path = _without_cuda_to_cpu_mode() if kv_cache is not None else contextlib.nullcontext()
@@ -122,13 +128,13 @@ def generate(
             logits = stage.forward(tokens[:, start:column], mask, kv_cache)
             ids = torch.empty(n_rows, dtype=torch.long, device=device)
             if stage.is_last:
-                keys = (vp.sampling_keys(params.seed, sample_ids, prefix_lengths + steps)
-                        if params.temperature > 0 else None)
-                ids = vp.sample(logits, vocab_size, keys, params.temperature, params.top_k,
-                                params.top_p)
-                lp_S_old[:, column] = vp.token_log_probs(logits, ids, vocab_size)
+                ids = vp.sample(logits, vocab_size, None if keys is None else keys[:, steps],
+                                params.temperature, params.top_k, params.top_p)
                 if record_entropy:
-                    student_entropy[:, column] = vp.entropy(logits, vocab_size)
+                    lp_S_old[:, column], student_entropy[:, column] = (
+                        vp.token_log_probs_and_entropy(logits, ids, vocab_size))
+                else:
+                    lp_S_old[:, column] = vp.token_log_probs(logits, ids, vocab_size)
             stage.broadcast_from_last(ids)
             tokens[:, column] = ids.masked_fill(done, pad_id)
             student_mask[:, column] = ~done

@@ -1,0 +1,234 @@
+"""Where one distillation iteration spends its time, and the model-FLOPs utilisation of the
+student update against this machine's matrix-multiply peak, measured in the same run.
+
+    python benchmarks/step_profile.py [--pair toy|large] [--iterations 4] [--method opd] \\
+        [--prompts 4] [--samples 4] [--new-tokens 32] [--save-interval 20] [--device cpu|cuda]
+
+The same models, prompts and work per iteration as `benchmarks/vs_trl.py` (whose setup it uses),
+run by our trainer (`training.train`) on `--nproc` processes. Phases, per iteration, mean over
+ranks, the warm-up iteration dropped:
+
+  rollout          student generation (`training.rollouts`), its collectives excluded
+  teacher          teacher scoring (`distill.teacher.score`), its collectives excluded
+  student fwd/bwd  the update's forward and backward passes and losses, collectives excluded
+  optimiser        the optimiser step (gradient clipping, Adam), collectives excluded
+  communication    every torch.distributed collective, in all phases, and the whole gradient
+                   finalisation (data-parallel all-reduce of the gradients, scaling by the
+                   global token count); on CPU (gloo) this includes waiting for the other rank
+  checkpointing    one save (`checkpointing.save`) divided by `--save-interval`
+  other            the rest of the iteration (distillation inputs, metrics, logging)
+
+MFU: forward FLOPs of the student update are 2 x (matrix-multiply parameters: every weight but
+the input embedding) per token plus 4 x layers x sequence x attention width per token (QK^T and
+AV, unmasked as computed); forward + backward is 3x that, over every token of the trained
+sequences. It is divided by the student fwd/bwd time and by the peak: the best GFLOP/s of a
+1024^3 float32 matrix product on every rank at once, each with its own threads, before and after
+the run. Ours runs whatever `PYTHONPATH` gives: point it at a checkout of another revision to
+profile that one with the same script.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vs_trl  # noqa: E402  (the shared models, tokenizer, prompts and trainer flags)
+
+PHASES = ("rollout", "teacher", "student fwd/bwd", "optimiser", "communication", "checkpointing",
+          "other")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "broadcast", "send", "recv", "isend", "irecv", "barrier", "batch_isend_irecv")
+
+
+def matmul_peak(device, size=1024, repeats=10):
+    """Best GFLOP/s of a `size`^3 float32 matrix product."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def student_forward_flops(model, tokens):
+    """Forward FLOPs of `model` (this rank's stage) on `tokens [B, T]` (see the module doc)."""
+    embedding = model.embedding.word_embeddings.weight if hasattr(model, "embedding") else None
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embedding)
+    config = model.config
+    layers = len(model.decoder.layers)
+    heads = model.decoder.layers[0].self_attention.num_attention_heads_per_partition
+    attention_width = heads * config.kv_channels
+    rows, length = tokens.shape
+    return rows * length * (2 * matmul + 4 * layers * length * attention_width)
+
+
+class Profiler:
+    """Per-iteration phase times of this rank, gathered by wrapping (for this measurement only)
+    the loop's `timed`, the collectives, the optimiser and gradient finalisation. Collective time
+    is also booked under the innermost phase it ran in, to be taken out of that phase."""
+
+    def __init__(self, device):
+        self.device = device
+        self.iterations = []  # per iteration: {name: seconds}, plus "start" and "flops"
+        self.phases = []  # the phases now running, innermost last
+
+    def _add(self, name, seconds):
+        current = self.iterations[-1]
+        current[name] = current.get(name, 0.0) + seconds
+
+    def _timer(self, name, fn, phase=True):
+        def wrapped(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            if phase:
+                self.phases.append(name)
+            try:
+                out = fn(*args, **kwargs)
+                _sync(self.device)
+            finally:
+                if phase:
+                    self.phases.pop()
+            if self.iterations:
+                elapsed = time.perf_counter() - start
+                self._add(name, elapsed)
+                if not phase and self.phases:
+                    self._add(f"{name} in {self.phases[-1]}", elapsed)
+            return out
+        return wrapped
+
+    def install(self):
+        import torch.distributed as dist
+
+        from megatron_tropd import run_setup, training
+
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                setattr(dist, name, self._timer("communication", getattr(dist, name), phase=False))
+        original_timed, original_setup, original_update = (training.timed, run_setup.setup_run,
+                                                           training.update)
+
+        def timed(timings, name, fn, *args):
+            if name == "rollout":
+                self.iterations.append({"start": time.perf_counter()})
+            return self._timer(name, original_timed)(timings, name, fn, *args)
+
+        def setup_run(args):
+            run = original_setup(args)
+            run.optimizer.step = self._timer("optimiser", run.optimizer.step)
+            run.model.config.finalize_model_grads_func = self._timer(
+                "gradient sync", run.model.config.finalize_model_grads_func)
+            return run
+
+        def update(args, run, batch):
+            self._add("flops", 3.0 * student_forward_flops(run.model, batch.tokens))
+            return original_update(args, run, batch)
+
+        training.timed, run_setup.setup_run, training.update = timed, setup_run, update
+
+    def shares(self, save_interval):
+        """Seconds per phase of every full iteration but the first (warm-up)."""
+        out = []
+        for it, nxt in zip(self.iterations[1:-1], self.iterations[2:]):
+            def exclusive(name):
+                return it.get(name, 0.0) - it.get(f"communication in {name}", 0.0)
+
+            sync = it.get("gradient sync", 0.0)
+            seconds = {
+                "rollout": exclusive("rollout"),
+                "teacher": exclusive("teacher"),
+                "student fwd/bwd": exclusive("train") - it.get("optimiser", 0.0) - sync,
+                "optimiser": exclusive("optimiser"),
+                # megatron's DDP all-reduces the gradient buckets in a coalescing context whose
+                # wait the collective wrappers do not see: the whole finalisation counts here
+                "communication": it.get("communication", 0.0) + sync
+                - it.get("communication in checkpoint", 0.0)
+                - it.get("communication in gradient sync", 0.0),
+                "checkpointing": it.get("checkpoint", 0.0) / save_interval,
+            }
+            wall = nxt["start"] - it["start"] - it.get("checkpoint", 0.0) + seconds["checkpointing"]
+            seconds["other"] = wall - sum(seconds.values())
+            seconds["flops"] = it["flops"]
+            out.append(seconds)
+        return out
+
+
+def _worker(argv, save_interval, device_type):
+    from megatron_tropd import arguments, training
+
+    device = torch.device(device_type)
+    profiler = Profiler(device)
+    profiler.install()
+    import torch.distributed as dist
+
+    # The peak before and after the run, the better of the two: on a shared machine either can
+    # fall in a bad moment.
+    dist.barrier()
+    peak = matmul_peak(device)
+    training.train(arguments.parse_args(argv))
+    dist.barrier()
+    peak = max(peak, matmul_peak(device))
+    return {"peak_gflops": peak, "iterations": profiler.shares(save_interval)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    vs_trl.add_work_arguments(parser)
+    parser.add_argument("--iterations", type=int, default=4, help="measured (plus one warm-up)")
+    parser.add_argument("--method", default="opd", help="--distill-method of the run")
+    parser.add_argument("--save-interval", type=int, default=20,
+                        help="checkpointing's share is one save divided by this")
+    opt = parser.parse_args()
+    opt.nproc = opt.nproc or (2 if opt.device == "cpu" else 1)
+
+    from megatron_tropd.testing import run_distributed
+
+    with tempfile.TemporaryDirectory() as root:
+        pair_dirs, vocab = vs_trl.pair(opt.pair, root)
+        tokenizer_dir = vs_trl.word_tokenizer(root, vocab)
+        # one warm-up, the measured iterations, and one more whose start ends the last of them
+        opt.iterations += 2
+        prompts_file = vs_trl.write_prompts(root, opt, vocab)
+        ckpt = vs_trl.megatron_checkpoints(pair_dirs, root)
+        argv = vs_trl.ours_argv(opt, ckpt, tokenizer_dir, prompts_file, vocab,
+                                ["--distill-method", opt.method])
+        argv += ["--save", os.path.join(root, "run"), "--save-interval", "1", "--keep-last", "1"]
+        load = os.getloadavg()[0]
+        ranks = run_distributed(_worker, world_size=opt.nproc, tp=opt.tp,
+                                args=(argv, opt.save_interval, opt.device))
+
+    rows = [it for r in ranks for it in r["iterations"]]
+    seconds = {p: statistics.mean(it[p] for it in rows) for p in PHASES}
+    total = sum(seconds.values())
+    print(f"pair {opt.pair}, method {opt.method}, {opt.prompts} prompts x {opt.samples} samples "
+          f"x {opt.new_tokens} new tokens, {opt.nproc} processes (TP={opt.tp}), device "
+          f"{opt.device}, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"{'phase':18s} {'s/iteration':>12s} {'share':>7s}")
+    for p in PHASES:
+        print(f"{p:18s} {seconds[p]:12.4f} {seconds[p] / total:7.1%}")
+    print(f"{'total':18s} {total:12.4f}")
+    peak = sum(r["peak_gflops"] for r in ranks)
+    achieved = sum(statistics.mean(it["flops"] / it["student fwd/bwd"] for it in r["iterations"])
+                   for r in ranks) / 1e9
+    print(f"matmul peak {peak:.1f} GFLOP/s ({opt.nproc} ranks); student update "
+          f"{achieved:.1f} GFLOP/s")
+    print(f"student_update_mfu={achieved / peak:.3f}")
+    print("shares " + json.dumps({p: round(seconds[p] / total, 4) for p in PHASES}))
+
+
+if __name__ == "__main__":
+    main()
