@@ -11,9 +11,9 @@ vocabulary 20); `large`, a random Qwen3 pair built here from configs, student 52
 
 Work per iteration, identical for every trainer: `--prompts` prompts of `--prompt-length` random
 token ids (the same prompts in the same order), `--samples` sampled responses each at temperature
-1, exactly `--new-tokens` new tokens per response (the benchmark tokenizer's end-of-sequence id
-lies outside the models' vocabulary, so no response stops early and no trainer gets shorter
-sequences by chance), one forward-only teacher pass, one forward/backward of the student over the
+1, `--new-tokens` new tokens per response (the benchmark tokenizer's end-of-sequence id is an
+extra vocabulary row with zero weights, `with_eos_row`: practically never sampled, so responses do
+not stop early and no trainer gets shorter sequences by chance), one forward-only teacher pass, one forward/backward of the student over the
 whole batch, one Adam step (lr 1e-6, no weight decay, gradient clipping at 1.0), fp32, no
 gradient checkpointing, dropout off. Runs:
 
@@ -85,7 +85,7 @@ def large_pair(root):
 
 def word_tokenizer(root, vocab_size):
     """An HF tokenizer whose text is the token ids ("t3 t17 ..."), with an end-of-sequence id
-    (`vocab_size`) that the models cannot produce: every response runs to the token limit."""
+    (`vocab_size`) on the zero row `with_eos_row` adds: responses run to the token limit."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -101,12 +101,33 @@ def word_tokenizer(root, vocab_size):
 
 
 def pair(name, root):
-    """HF directories of the `name` pair's student and teacher, and their vocabulary size."""
+    """HF directories of the `name` pair's student and teacher, each with the benchmark's
+    end-of-sequence row added (`with_eos_row`), and their vocabulary size without it."""
     if name == "toy":
         with open(os.path.join(TOY, "student", "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
-        return {r: os.path.join(TOY, r) for r in ("student", "teacher")}, vocab
-    return large_pair(root), LARGE_VOCAB
+        dirs, vocab = {r: os.path.join(TOY, r) for r in ("student", "teacher")}, vocab
+    else:
+        dirs, vocab = large_pair(root), LARGE_VOCAB
+    return {role: with_eos_row(path, os.path.join(root, f"{role}-eos"))
+            for role, path in dirs.items()}, vocab
+
+
+def with_eos_row(src, dst):
+    """The HF model at `src` saved at `dst` with one more vocabulary id, the benchmark tokenizer's
+    end-of-sequence: its embedding and output rows are zero, so its logit is 0 beside the model's
+    own (the peaked toy models practically never sample it; the random large pair with probability
+    about 1/32001 per token). The tokenizer then has no id the models lack, as the trainer checks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    eos = model.config.vocab_size
+    model.resize_token_embeddings(eos + 1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[eos].zero_()
+        model.get_output_embeddings().weight[eos].zero_()
+    model.save_pretrained(dst)
+    return dst
 
 
 def write_prompts(root, opt, vocab_size, seed=0):
