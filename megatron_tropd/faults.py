@@ -3,9 +3,10 @@ makes every rank SIGKILL itself when it reaches that point of that iteration (1-
 iteration being computed or saved), as a node failure or `kill -9` would. Unset, `point` costs one
 environment lookup.
 
-Phases: `rollout` (the prompts are drawn, nothing generated yet), `optimizer` (the optimiser has stepped, the LR schedule not yet), `save` (the
-model files of the checkpoint are written, the optimiser's not), `commit` (the checkpoint directory
-is complete and renamed, `latest` not yet updated).
+Phases: `rollout` (the prompts are drawn, nothing generated yet), `optimizer` (the optimiser has
+stepped, the LR schedule not yet), `save` (the model files of the checkpoint are written, the
+optimiser's not), `commit` (the checkpoint directory is complete and renamed, `latest` not yet
+updated).
 """
 
 import os

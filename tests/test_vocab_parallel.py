@@ -130,6 +130,19 @@ def check_entropy():
     _value_and_grads(lambda x: vp.entropy(x, VOCAB), ref)
 
 
+def check_token_log_probs_and_entropy():
+    """The sampler's fused per-step statistics equal the float64 full-vocabulary values."""
+    from megatron_tropd.ops import vocab_parallel as vp
+
+    full = _full_logits(12)
+    ids = torch.randint(0, VOCAB, SHAPE, generator=torch.Generator().manual_seed(13))
+    lp, ent = vp.token_log_probs_and_entropy(_local(full).detach(), ids, VOCAB)
+    ref = torch.log_softmax(full[..., :VOCAB].double(), -1)
+    torch.testing.assert_close(lp.double(), ref.gather(-1, ids[..., None])[..., 0],
+                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ent.double(), -(ref.exp() * ref).sum(-1), rtol=RTOL, atol=ATOL)
+
+
 def _ref_kl(p, q):
     lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
     return (lp.exp() * (lp - lq)).sum(-1)
@@ -292,6 +305,7 @@ def check_sampling_errors():
 
 CHECKS = [
     check_log_softmax, check_token_log_probs, check_log_probs_at_ids, check_entropy,
+    check_token_log_probs_and_entropy,
     check_reverse_kl_both_grads, check_forward_kl_both_grads, check_kl_student_grad_only,
     check_jsd, check_topk, check_topk_forward_kl, check_bf16_inputs_match_fp32_math,
     check_sampling_distribution, check_greedy_is_argmax, check_sampling_errors,
