@@ -67,8 +67,14 @@ def _python(args, log_path):
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, args, f"see {log_path}")
+        with open(log_path) as log:
+            last = ([line.strip() for line in log if line.strip()] or ["(no output)"])[-1]
+        raise RunError(f"{log_path}: exit status {proc.returncode}: {last}")
     return usage.ru_utime + usage.ru_stime
+
+
+class RunError(Exception):
+    """A training or evaluation run failed: its log file and the last line it printed."""
 
 
 def train_args(method, seed, args, data, student, teacher, save):
@@ -268,4 +274,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RunError as e:  # the finished runs stay cached; fix the cause and re-run
+        sys.exit(f"error: {e}")
