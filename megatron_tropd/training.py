@@ -35,6 +35,7 @@ from megatron_tropd.distill.token_selection import (selection_fraction, selectio
                                                     top_fraction_mask)
 from megatron_tropd.initialize import (all_reduce_max, comm_device, initialize_distributed,
                                        print_rank_0)
+from megatron_tropd.models.forward import scored_logits
 from megatron_tropd.monitor import MetricsLogger
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout import prefix as prefix_schedule
@@ -280,9 +281,19 @@ def _all_finite(run, reduced) -> bool:
     """Whether every micro-batch loss and every gradient is finite, on every rank (collective:
     the loss lives on the last pipeline stage, the gradients are sharded over TP and PP)."""
     finite = all(bool(torch.isfinite(metrics["loss"][0])) for metrics in reduced)
-    finite = finite and all(bool(torch.isfinite(buffer.grad_data).all())
+    finite = finite and all(_all_finite_values(buffer.grad_data)
                             for buffer in run.ddp.buffers + run.ddp.expert_parallel_buffers)
     return not all_reduce_max([not finite])[0]
+
+
+def _all_finite_values(tensor) -> bool:
+    """Whether every value is finite, in one read of `tensor`: its min and max propagate NaN and
+    are +-inf when any value is (`isfinite(t).all()` makes three passes and a copy: about 10x the
+    time on a 52M-value gradient buffer)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _skip_nonfinite_step(args, run):
@@ -301,15 +312,15 @@ def _skip_nonfinite_step(args, run):
 
 def _forward_step(args, run, data_iterator, model):
     mb = next(data_iterator)
-    logits = model(mb.tokens, None, mb.attention_mask)
-    return logits, partial(_loss, args, run, mb)
+    predicting = scored_logits(model, mb.tokens, mb.attention_mask, mb.loss_mask)
+    return predicting, partial(_loss, args, run, mb)
 
 
-def _loss(args, run, mb: TrainBatch, logits):
+def _loss(args, run, mb: TrainBatch, predicting):
     """Token-sum of the per-token loss of one micro-batch, its token count (megatron divides the
-    gradients by the global count: token-mean over the global batch) and metric sums."""
+    gradients by the global count: token-mean over the global batch) and metric sums.
+    `predicting [N, V/tp]`: row n is the logits shard predicting the n-th scored token."""
     mask = mb.loss_mask
-    predicting = logits[:, :-1][mask[:, 1:]]  # [N, V/tp], row n predicts targets[n]
     targets = mb.tokens[mask]
     if args.mode == "sft":
         per_token = -vp.token_log_probs(predicting, targets, run.vocab_size)

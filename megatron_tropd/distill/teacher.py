@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from megatron_tropd.models.forward import scored_logits
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout.batch import RolloutBatch, causal_padding_mask
 
@@ -85,9 +86,9 @@ def score(teacher, batch: RolloutBatch, vocab_size: int, top_k: int = DEFAULT_TO
     def forward_step(data_iterator, model):
         tokens, padding, scored = next(data_iterator)
         attention_mask = causal_padding_mask(padding, 0, length)  # [b, 1, T, T], per micro-batch
-        logits = model(tokens, None, attention_mask)  # [b, T, V/tp] on the last stage
-        return logits, functools.partial(_signals, tokens, scored, vocab_size, top_k,
-                                         full_log_probs)
+        predicting = scored_logits(model, tokens, attention_mask, scored)  # [N, V/tp], last stage
+        return predicting, functools.partial(_signals, tokens, scored, vocab_size, top_k,
+                                             full_log_probs)
 
     with torch.no_grad():
         parts = get_forward_backward_func()(
@@ -105,10 +106,10 @@ def score(teacher, batch: RolloutBatch, vocab_size: int, top_k: int = DEFAULT_TO
     return TeacherSignals.cat(parts)
 
 
-def _signals(tokens, mask, vocab_size, top_k, full_log_probs, logits, non_loss_data=True):
-    """Signals of one micro-batch from its logits shard `[b, T, V/tp]` (the schedule's
-    non-loss-data hook): the logits at column j - 1 score the token at column j."""
-    predicting = logits[:, :-1][mask[:, 1:]]  # [N, V/tp], N scored tokens in row-major order
+def _signals(tokens, mask, vocab_size, top_k, full_log_probs, predicting, non_loss_data=True):
+    """Signals of one micro-batch from the logits shard `predicting [N, V/tp]` of its N scored
+    tokens (the schedule's non-loss-data hook), row-major: the logits at column j - 1 score the
+    token at column j."""
     targets = tokens[mask]  # the same order: a response token is never at column 0
     b, t = tokens.shape
 
@@ -124,6 +125,6 @@ def _signals(tokens, mask, vocab_size, top_k, full_log_probs, logits, non_loss_d
         topk_log_probs=aligned(topk_lp, top_k) if top_k else None,
         topk_ids=aligned(topk_ids, top_k) if top_k else None,
         entropy=aligned(vp.entropy(predicting, vocab_size).float()),
-        log_probs=aligned(vp.log_softmax(predicting, vocab_size), logits.shape[-1])
+        log_probs=aligned(vp.log_softmax(predicting, vocab_size), predicting.shape[-1])
         if full_log_probs else None,
     )
