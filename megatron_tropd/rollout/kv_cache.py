@@ -2,14 +2,25 @@
 
 megatron-core 0.16.1's static KV cache (`StaticInferenceContext`) stores keys before RoPE and, at
 every decode step and in every layer, rotates the whole cache again and repeats its key/value
-heads for grouped-query attention: work that grows with the sequence, on every token. On top of
-that, megatron's layer and attention forwards carry Python for training features (recomputation,
-offloading, CUDA graphs) that a decode step pays per layer. Here keys are stored after RoPE, once;
-attention runs through `scaled_dot_product_attention` with grouped heads (`enable_gqa`); and each
-layer is its megatron submodules (norms, QKV and output projections with their tensor-parallel
-communication, MLP) composed as megatron's layer composes them in eval mode:
+heads for grouped-query attention: work that grows with the sequence, on every token. Its layer,
+attention and linear modules also carry Python for training features (recomputation, offloading,
+autograd functions for tensor-parallel communication) that a decode step pays per layer, and on a
+CPU the products of a few rows with megatron's `[out, in]` weights run about 2x slower than with
+row-major `[in, out]` copies (the "NT" GEMM; measured on the project's machine).
 
-    h = h + self_attention(input_layernorm(h));   h = h + mlp(pre_mlp_layernorm(h))
+So a decode step is written here as plain tensor operations on the layer's own weights, taken from
+its megatron modules when the cache is made (`_DecodeLayer`), in the order megatron's layer
+computes in eval mode:
+
+    h = h + proj(attention(rope(q_norm(q)), rope(k_norm(k)), v))    q, k, v = split(qkv(norm1(h)))
+    h = h + fc2(silu(gate) * up)                                    gate | up = fc1(norm2(h))
+
+Keys are stored after RoPE, once; attention runs through `scaled_dot_product_attention` with
+grouped heads (`enable_gqa`). Tensor parallelism is megatron's: QKV and fc1 are column-parallel
+(the local heads / the local slice of the hidden MLP, no communication), the output projection and
+fc2 row-parallel (their partial products all-reduced over the tensor-parallel group). On a CPU the
+weights are used from `[in, out]` copies made when the cache is made (one copy of the stage's
+layer weights for the duration of a `generate` call); on a GPU from transposed views.
 
 Training never goes through this module; the tests check generation with it against megatron's
 own forward. `check_supported` rejects configurations this composition does not cover.
@@ -18,6 +29,7 @@ own forward. `check_supported` rejects configurations this composition does not 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -39,74 +51,150 @@ def check_supported(model):
         "fp32 residual connections": config.fp32_residual_connection,
         f"{model.position_embedding_type} position embeddings":
             model.position_embedding_type != "rope",
+        "partial or interleaved rotary embeddings":
+            config.rotary_interleaved or getattr(model, "rotary_percent", 1.0) != 1.0,
+        f"{config.normalization} normalization": config.normalization != "RMSNorm",
+        "zero-centred norm weights": config.layernorm_zero_centered_gamma,
+        "an MLP other than SwiGLU": not (config.gated_linear_unit
+                                        and config.activation_func is F.silu),
+        "biases on the projections other than QKV": config.add_bias_linear,
+        "fewer key/value heads than tensor-parallel ranks":
+            config.num_query_groups < config.tensor_model_parallel_size,
     }
     for feature, present in unsupported.items():
         if present:
             raise UnsupportedModelError(f"generation does not support models with {feature}")
 
 
+def decode_weight(weight):
+    """A linear layer's `[out, in]` weight as the `[in, out]` operand of `x @ w` in decode steps:
+    a row-major copy on a CPU (products of a few rows run about 2x faster from it), a transposed
+    view elsewhere. The copy is taken once per `generate` call: the weights change between
+    calls, not during one."""
+    weight = weight.detach().t()
+    return weight.contiguous() if weight.device.type == "cpu" else weight
+
+
 class KVCache:
-    """Keys (after RoPE) and values of every layer of this rank's pipeline stage.
+    """Keys (after RoPE) and values of every layer of this rank's pipeline stage, and the decode
+    forward of its layers.
 
     Args:
         model: this rank's GPTModel stage.
         batch_size, max_length: rows and columns the cache holds.
-        rope: RoPE angles of positions `0..max_length-1`, `[max_length, 1, 1, rotary dim]`.
+        rope: RoPE angles of positions `0..max_length-1`, `[max_length, 1, 1, head dim]`.
 
     Each layer holds keys and values `[batch, key/value heads per TP rank, max_length, head dim]`.
     `position` is the column of the first token of the next forward.
     """
 
     def __init__(self, model, batch_size: int, max_length: int, rope):
+        from megatron.core import parallel_state
+
         check_supported(model)
         config = model.config
         device = next(model.parameters()).device
-        self.layers = []
-        for layer in model.decoder.layers:
-            shape = (batch_size, layer.self_attention.num_query_groups_per_partition, max_length,
-                     config.kv_channels)
-            self.layers.append(tuple(torch.empty(shape, dtype=config.params_dtype, device=device)
-                                     for _ in range(2)))
-        self.rope = rope
+        self.layers = [_DecodeLayer(layer, config) for layer in model.decoder.layers]
+        self.cache = [tuple(torch.empty((batch_size, layer.kv_heads, max_length,
+                                         config.kv_channels),
+                                        dtype=config.params_dtype, device=device)
+                            for _ in range(2)) for layer in self.layers]
+        final_norm = model.decoder.final_layernorm
+        self.final_norm = None if final_norm is None else final_norm.weight.detach()
+        self.eps = config.layernorm_epsilon
+        self.cos, self.sin = rope.cos().to(config.params_dtype), rope.sin().to(config.params_dtype)
         self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
         self.position = 0
 
-    def decoder_forward(self, decoder, hidden, attention_mask):
+    def decoder_forward(self, hidden, attention_mask):
         """This stage's layers (and the final norm on the last stage) on `hidden [s, B, H]` at
         columns `[position, position + s)`, caching their keys and values; `attention_mask`
         `[B, 1, s, position + s]` bool, True = masked. Advances `position` by s."""
         start = self.position
         end = start + hidden.shape[0]
         allowed = ~attention_mask  # SDPA's boolean masks mark what may be attended to
-        for layer, (keys, values) in zip(decoder.layers, self.layers):
-            attention, bias = self._attention(layer.self_attention, keys, values,
-                                              layer.input_layernorm(hidden), allowed, start, end)
-            hidden = _residual(hidden, attention, bias)
-            mlp, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
-            hidden = _residual(hidden, mlp, bias)
-        if decoder.final_layernorm is not None:
-            hidden = decoder.final_layernorm(hidden)
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        for layer, (keys, values) in zip(self.layers, self.cache):
+            h = self._norm(hidden, layer.norm1)
+            query, key, value = layer.query_key_value(h, self._norm)  # [s, B, heads, d]
+            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+            keys[:, :, start:end] = key.permute(1, 2, 0, 3)
+            values[:, :, start:end] = value.permute(1, 2, 0, 3)
+            context = F.scaled_dot_product_attention(
+                query.permute(1, 2, 0, 3), keys[:, :, :end], values[:, :, :end],
+                attn_mask=allowed, scale=self.scale, enable_gqa=True,
+            )  # [B, heads, s, d]
+            context = context.permute(2, 0, 1, 3).reshape(end - start, context.shape[0], -1)
+            hidden = hidden + self._row_parallel(context, layer.proj)
+            gate, up = (self._norm(hidden, layer.norm2) @ layer.fc1).chunk(2, dim=-1)
+            hidden = hidden + self._row_parallel(F.silu(gate) * up, layer.fc2)
+        if self.final_norm is not None:
+            hidden = self._norm(hidden, self.final_norm)
         self.position = end
         return hidden
 
-    def _attention(self, attention, keys, values, hidden, allowed, start, end):
-        """megatron's projections and RoPE around a cached SDPA: `(output [s, B, H], bias)`."""
-        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    def _norm(self, x, weight):
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
-        query, key, value = attention.get_query_key_value_tensors(hidden)  # [s, B, heads, d]
-        angles = self.rope[start:end]
-        query = apply_rotary_pos_emb(query, angles, config=attention.config)
-        key = apply_rotary_pos_emb(key, angles, config=attention.config)
-        keys[:, :, start:end] = key.permute(1, 2, 0, 3)
-        values[:, :, start:end] = value.permute(1, 2, 0, 3)
-        context = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), keys[:, :, :end], values[:, :, :end],
-            attn_mask=allowed, scale=self.scale, enable_gqa=True,
-        )  # [B, heads, s, d]
-        context = context.permute(2, 0, 1, 3).reshape(end - start, context.shape[0], -1)
-        return attention.linear_proj(context)
+    def _row_parallel(self, x, weight):
+        """A row-parallel linear layer: the local partial product, summed over the TP group."""
+        out = x @ weight
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
 
 
-def _residual(residual, output, bias):
-    """megatron's bias-dropout-add in eval mode."""
-    return residual + (output if bias is None else output + bias)
+class _DecodeLayer:
+    """One transformer layer's weights as a decode step uses them (this rank's shards)."""
+
+    def __init__(self, layer, config):
+        attention, mlp = layer.self_attention, layer.mlp
+        self.norm1 = _norm_weight(layer.input_layernorm, attention.linear_qkv)
+        self.norm2 = _norm_weight(layer.pre_mlp_layernorm, mlp.linear_fc1)
+        self.qkv = decode_weight(attention.linear_qkv.weight)
+        bias = getattr(attention.linear_qkv, "bias", None)
+        self.qkv_bias = None if bias is None or bias.numel() == 0 else bias.detach()
+        self.q_norm, self.k_norm = (_weight_or_none(attention.q_layernorm),
+                                    _weight_or_none(attention.k_layernorm))  # QK norms (Qwen3)
+        self.proj = decode_weight(attention.linear_proj.weight)
+        self.fc1 = decode_weight(mlp.linear_fc1.weight)
+        self.fc2 = decode_weight(mlp.linear_fc2.weight)
+        self.kv_heads = attention.num_query_groups_per_partition
+        self.heads = attention.num_attention_heads_per_partition
+        self.head_dim = config.kv_channels
+
+    def query_key_value(self, hidden, norm):
+        """Query `[s, B, heads, d]`, key and value `[s, B, kv heads, d]`, split from the fused
+        projection as megatron lays it out: per key/value group, its queries, key and value."""
+        mixed = hidden @ self.qkv
+        if self.qkv_bias is not None:
+            mixed = mixed + self.qkv_bias
+        per_group = self.heads // self.kv_heads
+        mixed = mixed.view(*mixed.shape[:2], self.kv_heads, per_group + 2, self.head_dim)
+        query = mixed[:, :, :, :per_group].reshape(*mixed.shape[:2], self.heads, self.head_dim)
+        key, value = mixed[:, :, :, per_group], mixed[:, :, :, per_group + 1]
+        if self.q_norm is not None:
+            query, key = norm(query, self.q_norm), norm(key, self.k_norm)
+        return query, key, value
+
+
+def _weight_or_none(module):
+    """A norm's weight; None for an absent norm (None, or megatron's `IdentityOp`)."""
+    weight = getattr(module, "weight", None)
+    return None if weight is None else weight.detach()
+
+
+def _norm_weight(norm, fused_linear):
+    """The weight of a layer's RMSNorm: its own module's (local spec), or the one
+    TransformerEngine fuses into the following linear layer (its spec has an identity there)."""
+    weight = _weight_or_none(norm)
+    return fused_linear.layer_norm_weight.detach() if weight is None else weight
+
+
+def _rotate(x, cos, sin):
+    """RoPE of `x [s, B, heads, d]` with the angles' `cos`/`sin` `[s, 1, 1, d]` (megatron's
+    non-interleaved rotation: the halves of the head dimension are the pairs)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin

@@ -15,6 +15,8 @@ pipeline group, so every stage knows the next input and when generation ends.
 import torch
 import torch.distributed as dist
 
+from megatron_tropd.rollout.kv_cache import decode_weight
+
 
 class GenerationStage:
     """This rank's stage of a GPTModel, run one generation step at a time.
@@ -46,13 +48,8 @@ class GenerationStage:
         if self.is_last:
             weight = (model.shared_embedding_or_output_weight()
                       if model.share_embeddings_and_output_weights else model.output_layer.weight)
-            # The output projection of a decode step is a product with few rows, [B, H] x [H, V/tp].
-            # CPU GEMM kernels run it about 1.4x faster from a row-major [H, V/tp] copy of the
-            # weight than from the [V/tp, H] parameter (measured on the project's machine), so
-            # generation keeps such a copy for its duration; GPU kernels need none.
-            self.output_weight_t = weight.detach().t()
-            if self.output_weight_t.device.type == "cpu":
-                self.output_weight_t = self.output_weight_t.contiguous()
+            # the output projection of a decode step, [B, H] x [H, V/tp] (a row-major copy on CPU)
+            self.output_weight = decode_weight(weight)
 
     def forward(self, tokens, attention_mask, kv_cache=None):
         """Run this stage on `tokens [B, s]` (columns from `kv_cache.position` on with a KV cache,
@@ -78,13 +75,13 @@ class GenerationStage:
             hidden = self.model.decoder(hidden_states=hidden, attention_mask=attention_mask,
                                         rotary_pos_emb=self.rope[:length])
         else:
-            hidden = kv_cache.decoder_forward(self.model.decoder, hidden, attention_mask)
+            hidden = kv_cache.decoder_forward(hidden, attention_mask)
         if not self.is_last:
             dist.send(hidden.contiguous(), dst=self.next_rank)
             return None
         # megatron's output layer on the last position, without gathering the vocabulary: in the
         # forward pass its column-parallel linear is this product with the local weight shard.
-        return hidden[-1] @ self.output_weight_t
+        return hidden[-1] @ self.output_weight
 
     def broadcast_from_last(self, tensor):
         """The last stage's `tensor` on every stage (other stages pass a buffer of its shape)."""
