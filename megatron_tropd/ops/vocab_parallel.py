@@ -14,7 +14,6 @@ Shapes: `logits [..., Vl]` (any leading dims, flattened to rows internally), per
 `group=None` means megatron's tensor-model-parallel group.
 """
 
-import functools
 import math
 
 import torch
@@ -40,11 +39,13 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
+def _rank(group) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
 def shard_range(local_vocab: int, vocab_size: int, group=None):
     """(first global id of this shard, number of real, unpadded columns in it)."""
-    group = _group(group)
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
-    start = rank * local_vocab
+    start = _rank(_group(group)) * local_vocab
     return start, max(0, min(local_vocab, vocab_size - start))
 
 
@@ -379,10 +380,13 @@ def topk_forward_kl_terms(teacher_topk_log_probs, student_topk_log_probs, renorm
 
 # --- sampling ---------------------------------------------------------------------------------------
 #
-# Gumbel-max: argmax_v (z_v / τ + G_v) with G_v ~ Gumbel(0, 1) is a sample of softmax(z / τ). Each rank
-# scores its own shard and one (value, id) pair per row is all-gathered. The noise G_v is a hash of
-# (row key, global id v), so the sample does not depend on how the vocabulary is sharded: the same
-# keys give the same ids at TP=1, 2, 4.
+# Inverse-CDF sampling: one uniform u per row, drawn from the row's key, picks the first id, in global
+# id order, at which the cumulative probability exceeds u. Each rank sums its own shard's mass
+# (relative to its own maximum logit) and one (maximum, mass) pair per row is all-gathered, so every
+# rank knows which shard holds the draw; that shard finds the id in its own cumulative sum, and the
+# ids are all-reduced. The draw depends on (row key, the distribution) only, not on how the
+# vocabulary is sharded: the same keys give the same ids at TP=1, 2, 4 (up to float64 rounding of
+# the cumulative sums, which could move a draw within about 1e-16 of a boundary between two ids).
 
 _MASK64 = (1 << 64) - 1
 
@@ -423,18 +427,38 @@ def uniform_from_keys(keys):
     return (_shr(_splitmix64(keys), 11).double() + 0.5) * 2.0**-53
 
 
-@functools.lru_cache(maxsize=8)
-def _id_hashes(start: int, n: int, device: torch.device):
-    """`splitmix64` of the global ids `start..start+n-1`: the same at every decode step, so
-    computed once per shard (a full-vocabulary hash was about half of the noise's cost)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return _splitmix64(torch.arange(start, start + n, dtype=torch.long, device=device))
-
-
-def _gumbel(keys, start: int, n: int):
-    """Gumbel(0,1) noise `[N, n]` for global ids `start..start+n-1` of rows with `keys [N]`."""
-    u = uniform_from_keys(keys[:, None] + _id_hashes(start, n, keys.device)[None, :])
-    return -torch.log(-torch.log(u))
+def _inverse_cdf(z, start: int, u, group):
+    """One global id per row of sharded scores `z [N, n]` (float64; -inf = excluded), drawn from
+    softmax(z) by the uniforms `u [N]`: the first id whose cumulative probability exceeds u."""
+    n_rows, n = z.shape
+    top = torch.full((n_rows,), -math.inf, dtype=z.dtype, device=z.device)  # -inf: no mass here
+    shift = mass = torch.zeros(n_rows, dtype=z.dtype, device=z.device)
+    if n > 0:
+        top = z.max(dim=1).values
+        shift = torch.where(torch.isfinite(top), top, 0.0)
+        cumulative = (z - shift[:, None]).exp().cumsum(dim=1)
+        mass = cumulative[:, -1]
+    tops, masses = _all_gather(torch.stack([top, mass]), group).unbind(1)  # [world, N] each
+    largest = tops.max(dim=0).values
+    masses = masses * (tops - largest).exp()  # every shard's mass on one scale
+    edges = masses.cumsum(dim=0)  # the same on every rank: it is made of all-gathered values
+    target = u.to(z.dtype) * edges[-1]
+    # the shard holding the draw: the first whose upper edge exceeds it (a draw that rounding put
+    # at the very top goes to the last shard with any mass)
+    owner = (edges <= target).sum(dim=0)
+    last_with_mass = masses.shape[0] - 1 - (masses > 0).flip(0).int().argmax(dim=0)
+    owner = torch.minimum(owner, last_with_mass)
+    ids = torch.full((n_rows,), -1, dtype=torch.long, device=z.device)
+    mine = owner == _rank(group)
+    if n > 0:
+        below = torch.where(owner > 0, edges.gather(0, (owner - 1).clamp(min=0)[None])[0], 0.0)
+        scale = (largest - shift).exp()  # back to this shard's own units
+        local = ((target - below) * scale).clamp(min=0.0)
+        # strictly below the shard's total, so the first id above it has probability > 0
+        local = torch.minimum(local, torch.nextafter(mass, torch.zeros_like(mass)))
+        found = torch.searchsorted(cumulative, local[:, None], right=True)[:, 0]
+        ids = torch.where(mine, found + start, ids)
+    return _all_reduce(ids, dist.ReduceOp.MAX, group)
 
 
 def _global_argmax(scores, start: int, group):
@@ -503,5 +527,5 @@ def sample(logits, vocab_size: int, keys, temperature: float = 1.0, top_k: int =
     if top_p < 1.0:
         lp = z - _log_normalizer(z, group)[:, None].double()
         z = z.masked_fill(lp < _nucleus_floor(lp, top_p, group)[:, None], -math.inf)
-    scores = z + _gumbel(keys.reshape(-1).to(z.device), start, n_valid)
-    return _global_argmax(scores, start, group).view(logits.shape[:-1])
+    u = uniform_from_keys(keys.reshape(-1).to(z.device))
+    return _inverse_cdf(z, start, u, group).view(logits.shape[:-1])
