@@ -1,5 +1,7 @@
 """Tiny GPTModels at TP=2, PP=2 and TP2xPP2 give the same logits and gradients as TP=1 PP=1 with
-identical weights; the builder's layout errors are one-line messages."""
+identical weights, through megatron's forward and through `models.forward.scored_logits` (the
+trainer's and the teacher's: logits at scored positions only, against megatron's forward with the
+positions selected afterwards); the builder's layout errors are one-line messages."""
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ ARCHS = {
                                   ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
                                   head_dim=32),
 }
-LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (tp, pp)
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp); (1, 1) for the scored_logits variant
 
 
 def _inputs():
@@ -39,10 +41,21 @@ def _perturb_norms(model):
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def _forward_backward(arch_name, state_dict):
+def _scored():
+    """Scored tokens `[BATCH, SEQ]`: a ragged set, never column 0 (it has no prediction)."""
+    mask = torch.rand(BATCH, SEQ, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask[:, 0] = False
+    return mask
+
+
+def _forward_backward(arch_name, state_dict, forward="all"):
     """Build at the current layout (loading `state_dict` if given), run one forward/backward
     through megatron's schedule with DDP and `finalize_model_grads`, as training does; return
-    global logits, gradients and the weights used."""
+    global logits, gradients and the weights used.
+
+    forward: "all", megatron's forward and a loss over every position; "select", megatron's
+    forward with the positions predicting `_scored()` tokens selected from its logits;
+    "scored_logits", `models.forward.scored_logits` on the same tokens (the same loss)."""
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -60,16 +73,25 @@ def _forward_backward(arch_name, state_dict):
     weights_used = sharding.global_state_dict(model, VOCAB)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     model.config.finalize_model_grads_func = finalize_model_grads
+    from megatron_tropd.models.forward import scored_logits
+
     tokens, weights = _inputs()
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    scored = _scored()
+    if forward != "all":
+        weights = weights[:, :-1][scored[:, 1:]]  # [N, VOCAB], row n: the n-th scored token's
     captured = {}
 
     def loss_func(output):
         full = gather_from_tensor_model_parallel_region(output)[..., :VOCAB]
+        if forward == "select":
+            full = full[:, :-1][scored[:, 1:]]
         captured["logits"] = full.detach().clone()
         return (full * weights).sum(), {}
 
     def forward_step(data_iterator, model):
+        if forward == "scored_logits":
+            return scored_logits(model, next(data_iterator), None, scored), loss_func
         return model(next(data_iterator), positions, None), loss_func
 
     get_forward_backward_func()(
@@ -108,11 +130,20 @@ def _reference_all():
 
     teacher = build_model(ARCHS["llama_gqa"], role="teacher")
     frozen = not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    return {"teacher_frozen": frozen, **{name: _forward_backward(name, None) for name in ARCHS}}
+    out = {"teacher_frozen": frozen}
+    for name in ARCHS:
+        out[name] = _forward_backward(name, None)
+        out[f"{name}/scored"] = _forward_backward(name, out[name]["weights"], "select")
+    return out
 
 
 def _layout_all(reference):
-    return {name: _forward_backward(name, reference[name]["weights"]) for name in ARCHS}
+    out = {}
+    for name in ARCHS:
+        out[name] = _forward_backward(name, reference[name]["weights"])
+        out[f"{name}/scored"] = _forward_backward(name, reference[name]["weights"],
+                                                  "scored_logits")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +154,7 @@ def layouts(reference):
     }
 
 
-@pytest.mark.parametrize("arch_name", list(ARCHS))
+@pytest.mark.parametrize("arch_name", [n for a in ARCHS for n in (a, f"{a}/scored")])
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_layout_matches_single_process(reference, layouts, arch_name, tp, pp):
     ranks = [r[arch_name] for r in layouts[(tp, pp)]]

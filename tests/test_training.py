@@ -290,3 +290,16 @@ def test_trainer_checkpoint_exports_to_hf(tp2, resume_dir, tmp_path):
     ours = run_distributed(_export_and_logits, world_size=1, args=(checkpoint, hf_dir, tokens))[0]
     parity = logit_parity(hf_logits(hf_dir, tokens), ours)
     assert parity["max_abs_logit_diff"] <= 1e-4 and parity["kl"] <= 1e-8, parity
+
+
+def test_nonfinite_gradient_check():
+    """The update's one-pass check finds NaN, +inf and -inf anywhere in a gradient buffer."""
+    from megatron_tropd.training import _all_finite_values
+
+    grads = torch.randn(1000)
+    assert _all_finite_values(grads) and _all_finite_values(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 517, 999):
+            broken = grads.clone()
+            broken[where] = bad
+            assert not _all_finite_values(broken), (bad, where)
