@@ -279,9 +279,9 @@ def check_sampling_distribution():
     from megatron_tropd.ops import vocab_parallel as vp
 
     full = _sampling_logits()
-    keys = vp.sampling_keys(1234, torch.arange(N_DRAWS), 0)
+    uniforms = vp.uniform_from_keys(vp.sampling_keys(1234, torch.arange(N_DRAWS), 0))
     for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.6)):
-        ids = vp.sample(_local(full).detach(), VOCAB, keys, temperature, top_k, top_p)
+        ids = vp.sample(_local(full).detach(), VOCAB, uniforms, temperature, top_k, top_p)
         _assert_goodness_of_fit(ids, _reference_probs(full[0], temperature, top_k, top_p))
 
 
@@ -289,7 +289,7 @@ def check_greedy_is_argmax():
     from megatron_tropd.ops import vocab_parallel as vp
 
     full = _full_logits(41)
-    ids = vp.sample(_local(full).detach(), VOCAB, torch.zeros(SHAPE, dtype=torch.long), 0.0)
+    ids = vp.sample(_local(full).detach(), VOCAB, None, 0.0)
     assert torch.equal(ids, full[..., :VOCAB].argmax(-1))
 
 
@@ -298,7 +298,7 @@ def check_sampling_errors():
 
     x = _local(_full_logits(1)).detach()
     with pytest.raises(ValueError, match="top_p"):
-        vp.sample(x, VOCAB, torch.zeros(SHAPE, dtype=torch.long), top_p=0.0)
+        vp.sample(x, VOCAB, torch.full(SHAPE, 0.5, dtype=torch.float64), top_p=0.0)
     with pytest.raises(ValueError, match="top-k needs"):
         vp.topk(x, VOCAB + 1, VOCAB)
 
@@ -317,9 +317,10 @@ def _samples_for_invariance():
     from megatron_tropd.ops import vocab_parallel as vp
 
     full = _full_logits(51, scale=1.0)
-    keys = vp.sampling_keys(99, torch.arange(SHAPE[0] * SHAPE[1]).view(SHAPE), 3)
+    uniforms = vp.uniform_from_keys(
+        vp.sampling_keys(99, torch.arange(SHAPE[0] * SHAPE[1]).view(SHAPE), 3))
     settings = ((1.0, 0, 1.0), (0.7, 10, 1.0), (1.0, 0, 0.9), (1.3, 50, 0.95))
-    return torch.stack([vp.sample(_local(full).detach(), VOCAB, keys, *s) for s in settings])
+    return torch.stack([vp.sample(_local(full).detach(), VOCAB, uniforms, *s) for s in settings])
 
 
 def _worker():

@@ -438,27 +438,37 @@ def _inverse_cdf(z, start: int, u, group):
         shift = torch.where(torch.isfinite(top), top, 0.0)
         cumulative = (z - shift[:, None]).exp().cumsum(dim=1)
         mass = cumulative[:, -1]
+    if _world(group) == 1:
+        local = u * mass  # one shard holds the whole vocabulary
+    else:
+        local, mine = _draw_in_shard(top, shift, mass, u, group)
+    # strictly below the shard's total, so the first id above it has probability > 0
+    local = torch.minimum(local, torch.nextafter(mass, torch.zeros_like(mass)))
+    ids = torch.full((n_rows,), -1, dtype=torch.long, device=z.device)
+    if n > 0:
+        ids = torch.searchsorted(cumulative, local[:, None], right=True)[:, 0] + start
+    if _world(group) == 1:
+        return ids
+    return _all_reduce(torch.where(mine, ids, -1), dist.ReduceOp.MAX, group)
+
+
+def _draw_in_shard(top, shift, mass, u, group):
+    """Which shard holds each row's draw, and where in that shard's cumulative mass (in its own
+    units `exp(z - shift)`): `(position [N], this shard holds it [N] bool)`. From one all-gather
+    of every shard's (largest score, mass) per row."""
     tops, masses = _all_gather(torch.stack([top, mass]), group).unbind(1)  # [world, N] each
     largest = tops.max(dim=0).values
     masses = masses * (tops - largest).exp()  # every shard's mass on one scale
     edges = masses.cumsum(dim=0)  # the same on every rank: it is made of all-gathered values
-    target = u.to(z.dtype) * edges[-1]
+    target = u.to(masses.dtype) * edges[-1]
     # the shard holding the draw: the first whose upper edge exceeds it (a draw that rounding put
     # at the very top goes to the last shard with any mass)
     owner = (edges <= target).sum(dim=0)
     last_with_mass = masses.shape[0] - 1 - (masses > 0).flip(0).int().argmax(dim=0)
     owner = torch.minimum(owner, last_with_mass)
-    ids = torch.full((n_rows,), -1, dtype=torch.long, device=z.device)
-    mine = owner == _rank(group)
-    if n > 0:
-        below = torch.where(owner > 0, edges.gather(0, (owner - 1).clamp(min=0)[None])[0], 0.0)
-        scale = (largest - shift).exp()  # back to this shard's own units
-        local = ((target - below) * scale).clamp(min=0.0)
-        # strictly below the shard's total, so the first id above it has probability > 0
-        local = torch.minimum(local, torch.nextafter(mass, torch.zeros_like(mass)))
-        found = torch.searchsorted(cumulative, local[:, None], right=True)[:, 0]
-        ids = torch.where(mine, found + start, ids)
-    return _all_reduce(ids, dist.ReduceOp.MAX, group)
+    below = torch.where(owner > 0, edges.gather(0, (owner - 1).clamp(min=0)[None])[0], 0.0)
+    local = ((target - below) * (largest - shift).exp()).clamp(min=0.0)
+    return local, owner == _rank(group)
 
 
 def _global_argmax(scores, start: int, group):
@@ -498,14 +508,15 @@ def _nucleus_floor(lp, top_p: float, group, max_iters: int = 64):
 
 
 @torch.no_grad()
-def sample(logits, vocab_size: int, keys, temperature: float = 1.0, top_k: int = 0,
+def sample(logits, vocab_size: int, uniforms, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, group=None):
     """Sample one global id per row from sharded logits, never gathering the vocabulary.
 
     Args:
         logits: this rank's shard `[..., Vl]`.
-        keys: int64 `[...]`, one random key per row (see `sampling_keys`); the same keys give the
-            same ids whatever the tensor-parallel size.
+        uniforms: float64 `[...]` in (0, 1), one draw per row, the same on every rank (see
+            `uniform_from_keys`); the same draws give the same ids whatever the tensor-parallel
+            size. Unused when greedy.
         temperature: 0 means greedy (argmax, ties to the smallest id).
         top_k: keep only the k most likely ids (0 = all).
         top_p: keep the smallest most-likely set of probability >= top_p (1.0 = all).
@@ -520,12 +531,11 @@ def sample(logits, vocab_size: int, keys, temperature: float = 1.0, top_k: int =
         )
     if temperature == 0:
         return _global_argmax(z, start, group).view(logits.shape[:-1])
-    z = z.double() / temperature
+    z = z.double() if temperature == 1.0 else z.double() / temperature
     if 0 < top_k < vocab_size:
         kth = _topk_rows(z, start, top_k, group)[0][:, -1]
         z = z.masked_fill(z < kth[:, None], -math.inf)  # ties with the k-th value are kept
     if top_p < 1.0:
         lp = z - _log_normalizer(z, group)[:, None].double()
         z = z.masked_fill(lp < _nucleus_floor(lp, top_p, group)[:, None], -math.inf)
-    u = uniform_from_keys(keys.reshape(-1).to(z.device))
-    return _inverse_cdf(z, start, u, group).view(logits.shape[:-1])
+    return _inverse_cdf(z, start, uniforms.reshape(-1).to(z.device), group).view(logits.shape[:-1])

@@ -110,11 +110,12 @@ def generate(
     # A teacher prefix that ends in a stop id leaves the row nothing to sample.
     done = (prefix_lengths > 0) & torch.isin(tokens[:, width - 1], stop_ids)
 
-    # The sampler's key of every row and step, made once: (seed, sample id, response position).
-    keys = (vp.sampling_keys(params.seed, sample_ids[:, None],
-                             prefix_lengths[:, None] + torch.arange(params.max_new_tokens,
-                                                                    device=device))
-            if params.temperature > 0 else None)
+    # The sampler's draw of every row and step, made once, keyed by (seed, sample id, response
+    # position).
+    uniforms = (vp.uniform_from_keys(vp.sampling_keys(
+        params.seed, sample_ids[:, None],
+        prefix_lengths[:, None] + torch.arange(params.max_new_tokens, device=device)))
+        if params.temperature > 0 else None)
 
     stage = GenerationStage(model, max_length)
     kv_cache = KVCache(model, n_rows, max_length, stage.rope) if use_kv_cache else None
@@ -128,7 +129,7 @@ def generate(
             logits = stage.forward(tokens[:, start:column], mask, kv_cache)
             ids = torch.empty(n_rows, dtype=torch.long, device=device)
             if stage.is_last:
-                ids = vp.sample(logits, vocab_size, None if keys is None else keys[:, steps],
+                ids = vp.sample(logits, vocab_size, None if uniforms is None else uniforms[:, steps],
                                 params.temperature, params.top_k, params.top_p)
                 if record_entropy:
                     lp_S_old[:, column], student_entropy[:, column] = (
