@@ -58,8 +58,6 @@ def check_supported(model):
         "an MLP other than SwiGLU": not (config.gated_linear_unit
                                         and config.activation_func is F.silu),
         "biases on the projections other than QKV": config.add_bias_linear,
-        "fewer key/value heads than tensor-parallel ranks":
-            config.num_query_groups < config.tensor_model_parallel_size,
     }
     for feature, present in unsupported.items():
         if present:
