@@ -18,10 +18,11 @@ ranks, the warm-up iteration dropped:
   checkpointing    one save (`checkpointing.save`) divided by `--save-interval`
   other            the rest of the iteration (distillation inputs, metrics, logging)
 
-MFU: forward FLOPs of the student update are 2 x (matrix-multiply parameters: every weight but
-the input embedding) per token plus 4 x layers x sequence x attention width per token (QK^T and
-AV, unmasked as computed); forward + backward is 3x that, over every token of the trained
-sequences. It is divided by the student fwd/bwd time and by the peak: the best GFLOP/s of a
+MFU: forward FLOPs of the student update are 2 x (the layers' matrix-multiply parameters) plus
+4 x layers x sequence x attention width (QK^T and AV, unmasked as computed) per token of the
+trained sequences, plus 2 x (output-layer parameters) per scored token (the logits the loss needs:
+computing them at every position, as megatron's forward does, is not counted as useful work);
+forward + backward is 3x that. It is divided by the student fwd/bwd time and by the peak: the best GFLOP/s of a
 1024^3 float32 matrix product on every rank at once, each with its own threads, before and after
 the run. Ours runs whatever `PYTHONPATH` gives: point it at a checkout of another revision to
 profile that one with the same script.
@@ -65,16 +66,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def student_forward_flops(model, tokens):
-    """Forward FLOPs of `model` (this rank's stage) on `tokens [B, T]` (see the module doc)."""
-    embedding = model.embedding.word_embeddings.weight if hasattr(model, "embedding") else None
-    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embedding)
+def student_forward_flops(model, tokens, scored):
+    """Forward FLOPs of `model` (this rank's stage) on `tokens [B, T]` for a loss on the tokens
+    `scored [B, T]` marks (see the module doc)."""
+    embedding = model.embedding.word_embeddings.weight if model.pre_process else None
+    output = None
+    if model.post_process:
+        output = (model.shared_embedding_or_output_weight()
+                  if model.share_embeddings_and_output_weights else model.output_layer.weight)
+    layer_matmul = sum(p.numel() for p in model.parameters()
+                       if p.dim() == 2 and p is not embedding and p is not output)
     config = model.config
     layers = len(model.decoder.layers)
     heads = model.decoder.layers[0].self_attention.num_attention_heads_per_partition
     attention_width = heads * config.kv_channels
     rows, length = tokens.shape
-    return rows * length * (2 * matmul + 4 * layers * length * attention_width)
+    flops = rows * length * (2 * layer_matmul + 4 * layers * length * attention_width)
+    if output is not None:  # the output layer where the loss needs logits
+        flops += 2 * output.numel() * int(scored.sum())
+    return flops
 
 
 class Profiler:
@@ -135,7 +145,8 @@ class Profiler:
             return run
 
         def update(args, run, batch):
-            self._add("flops", 3.0 * student_forward_flops(run.model, batch.tokens))
+            self._add("flops", 3.0 * student_forward_flops(run.model, batch.tokens,
+                                                           batch.loss_mask))
             return original_update(args, run, batch)
 
         training.timed, run_setup.setup_run, training.update = timed, setup_run, update

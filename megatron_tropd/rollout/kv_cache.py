@@ -52,7 +52,7 @@ def check_supported(model):
         f"{model.position_embedding_type} position embeddings":
             model.position_embedding_type != "rope",
         "partial or interleaved rotary embeddings":
-            config.rotary_interleaved or getattr(model, "rotary_percent", 1.0) != 1.0,
+            config.rotary_interleaved or model.rotary_percent != 1.0,
         f"{config.normalization} normalization": config.normalization != "RMSNorm",
         "zero-centred norm weights": config.layernorm_zero_centered_gamma,
         "an MLP other than SwiGLU": not (config.gated_linear_unit
