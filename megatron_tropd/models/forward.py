@@ -17,12 +17,6 @@ DDP gradient hooks are untouched). Pipeline stages other than the last return th
 `[T, B, H]` for the schedule to send on, as `GPTModel.forward` does.
 """
 
-import torch
-
-
-class ScoredTokensError(ValueError):
-    """A scored-token mask that cannot be scored: one-line message."""
-
 
 def scored_logits(model, tokens, attention_mask, scored):
     """This rank's stage on `tokens [B, T]`: on the last pipeline stage the vocabulary-sharded
@@ -32,11 +26,11 @@ def scored_logits(model, tokens, attention_mask, scored):
     Args:
         model: this rank's GPTModel stage, bare or wrapped (megatron's DDP, `.module`).
         attention_mask: `[B, 1, T, T]` bool, True = masked; None for plain causal attention.
-        scored: the tokens a loss is computed on; column 0 has no prediction and must be False.
+        scored: the tokens a loss is computed on; column 0 has no prediction and must be False
+            (`tokens[scored]` then lines up with the rows; a scored column 0 would leave one target
+            more than rows, which the loss's shapes reject).
     """
     gpt = model.module if hasattr(model, "module") else model
-    if bool(scored[:, 0].any()):
-        raise ScoredTokensError("a scored token at column 0 has no prediction")
     # Non-first stages: megatron's decoder takes its input from `set_input_tensor` (the schedule's).
     hidden = gpt.embedding(input_ids=tokens, position_ids=None) if gpt.pre_process else None
     hidden = gpt.decoder(hidden_states=hidden, attention_mask=attention_mask,
