@@ -402,3 +402,18 @@ def test_prefix_schedule():
     assert teacher_prefixes([[1, 2, 3, 4], [5, 6]], 100, 200) == [[1, 2], [5]]
     with pytest.raises(ValueError, match="anneal_steps"):
         prefix_fraction(1, 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 96), (8, 96), (1, 1, 96), (5, 8, 96), (3, 96)])
+def test_decode_linear(shape):
+    """The decode products (MKL-packed for 8 rows where torch has MKL; every other row count and
+    device through the plain weight) equal `F.linear` on the same weight."""
+    from megatron_tropd.rollout.kv_cache import DecodeLinear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(200, 96, generator=g)
+    x = torch.randn(shape, generator=g)
+    out = DecodeLinear(weight, rows=8)(x)
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    assert out.shape == shape[:-1] + (200,) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

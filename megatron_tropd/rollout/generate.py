@@ -117,7 +117,7 @@ def generate(
         prefix_lengths[:, None] + torch.arange(params.max_new_tokens, device=device)))
         if params.temperature > 0 else None)
 
-    stage = GenerationStage(model, max_length)
+    stage = GenerationStage(model, max_length, n_rows)
     kv_cache = KVCache(model, n_rows, max_length, stage.rope) if use_kv_cache else None
     fast_path = _without_cuda_to_cpu_mode() if kv_cache is not None else contextlib.nullcontext()
     steps = 0

@@ -15,6 +15,8 @@ pipeline group, so every stage knows the next input and when generation ends.
 import torch
 import torch.distributed as dist
 
+from megatron_tropd.rollout.kv_cache import DecodeLinear
+
 
 class GenerationStage:
     """This rank's stage of a GPTModel, run one generation step at a time.
@@ -22,9 +24,10 @@ class GenerationStage:
     Args:
         model: this rank's GPTModel stage (as `models.builder.build_model` returns it).
         max_length: the longest sequence (context + new tokens) it will be run on.
+        rows: the rows of every step (the batch).
     """
 
-    def __init__(self, model, max_length: int):
+    def __init__(self, model, max_length: int, rows: int):
         from megatron.core import parallel_state as ps
 
         self.model = model
@@ -46,7 +49,7 @@ class GenerationStage:
         if self.is_last:
             weight = (model.shared_embedding_or_output_weight()
                       if model.share_embeddings_and_output_weights else model.output_layer.weight)
-            self.output_weight = weight.detach()  # [V/tp, H]
+            self.output_layer = DecodeLinear(weight, rows)  # [B, H] -> [B, V/tp]
 
     def forward(self, tokens, attention_mask, kv_cache=None):
         """Run this stage on `tokens [B, s]` (columns from `kv_cache.position` on with a KV cache,
@@ -78,10 +81,7 @@ class GenerationStage:
             return None
         # megatron's output layer on the last position, without gathering the vocabulary: in the
         # forward pass its column-parallel linear is this product with the local weight shard.
-        # Computed as [V/tp, H] x [H, B], then transposed: on a CPU that runs at the speed of a
-        # product with a row-major [H, V/tp] copy of the weight (about 1.7x faster than
-        # `F.linear`'s [B, H] x [V/tp, H]^T at 8 rows) without making one.
-        return (self.output_weight @ hidden[-1].t()).t().contiguous()
+        return self.output_layer(hidden[-1])
 
     def broadcast_from_last(self, tensor):
         """The last stage's `tensor` on every stage (other stages pass a buffer of its shape)."""
