@@ -120,10 +120,11 @@ def train(args):
                                 run.needs.teacher_full, args.micro_batch_size)
                 batch, teacher_metrics = distill_batch(args, run, rollout, signals, step)
                 batch_metrics.update(teacher_metrics)
-            metrics = timed(timings, "train", update, args, run, batch)
+            totals, grad_norm = timed(timings, "train", update, args, run, batch)
             run.iteration += 1
-            logger.log(run.iteration, {**_reduce_over_data_parallel(batch_metrics), **metrics},
-                       timings, run.scheduler)
+            sums = _reduce_over_data_parallel({**batch_metrics, **totals})  # one all-reduce
+            sums["grad_norm"] = (torch.tensor(grad_norm), torch.tensor(1.0))
+            logger.log(run.iteration, sums, timings, run.scheduler)
             reason = stop.reason(run.iteration)  # collective: every rank stops at one iteration
             if checkpointing.due(args, run.iteration) or (reason and args.save):
                 timed(timings, "checkpoint", checkpointing.save, args, run)
@@ -243,8 +244,9 @@ def sft_batch(args, run):
 
 
 def update(args, run, batch: TrainBatch):
-    """`epochs_per_rollout` optimiser steps on `batch`; returns metric sums reduced over the
-    micro-batches and data-parallel ranks."""
+    """`epochs_per_rollout` optimiser steps on `batch`; returns this rank's metric sums over the
+    micro-batches (the caller reduces them over data-parallel ranks with the batch's metrics, in
+    one all-reduce) and the last step's gradient norm."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     rows = batch.tokens.shape[0]
@@ -272,9 +274,7 @@ def update(args, run, batch: TrainBatch):
             for name, (total, count) in metrics.items():
                 t, c = totals.get(name, (0.0, 0.0))
                 totals[name] = (t + total, c + count)
-    out = _reduce_over_data_parallel(totals)
-    out["grad_norm"] = (torch.tensor(float(grad_norm or 0.0)), torch.tensor(1.0))
-    return out
+    return totals, float(grad_norm or 0.0)
 
 
 def _all_finite(run, reduced) -> bool:
