@@ -2,7 +2,7 @@
 teacher, student, prompts and work per iteration, interleaved in one run so machine drift cancels.
 
     pip install -e ".[bench]"        # TRL 1.16 (keeps the torch you have)
-    python benchmarks/vs_trl.py [--pair toy|large] [--repeats 3] [--iterations 4] \\
+    python benchmarks/vs_trl.py [--pair toy|large] [--repeats 3] [--iterations 6] \\
         [--prompts 4] [--samples 4] [--new-tokens 32] [--device cpu|cuda]
 
 Pairs: `toy`, the embedded HF teacher and student of `examples/toy` (595k / 126k parameters,
@@ -301,7 +301,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_work_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=4, help="per run; the first is warm-up")
+    parser.add_argument("--iterations", type=int, default=6,
+                        help="per run; the first is warm-up (ours is steady from the third)")
     parser.add_argument("--trl-threads", type=int, default=None,
                         help="torch threads of the TRL process (default: one per core)")
     parser.add_argument("--runs", default="trl_distill,trl_gkd,ours_opd,ours_rkl")
