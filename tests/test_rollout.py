@@ -404,16 +404,21 @@ def test_prefix_schedule():
         prefix_fraction(1, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 8, 96), (8, 96), (1, 1, 96), (5, 8, 96), (3, 96)])
-def test_decode_linear(shape):
-    """The decode products (MKL-packed for 8 rows where torch has MKL; every other row count and
-    device through the plain weight) equal `F.linear` on the same weight."""
+def test_decode_linear(shape, dtype):
+    """The decode products (float32 weights MKL-packed for 8 rows where torch has MKL; every other
+    row count, dtype and device through the plain weight) equal `F.linear` on the same weight."""
     from megatron_tropd.rollout.kv_cache import DecodeLinear
 
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(200, 96, generator=g)
-    x = torch.randn(shape, generator=g)
-    out = DecodeLinear(weight, rows=8)(x)
+    weight = torch.randn(200, 96, generator=g).to(dtype)
+    x = torch.randn(shape, generator=g).to(dtype)
+    linear = DecodeLinear(weight, rows=8)
+    assert (linear.packed is not None) == (dtype == torch.float32
+                                           and torch.backends.mkl.is_available())
+    out = linear(x)
     expected = torch.nn.functional.linear(x.double(), weight.double())
-    assert out.shape == shape[:-1] + (200,) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == shape[:-1] + (200,) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * 10)

@@ -64,33 +64,35 @@ def check_supported(model):
             raise UnsupportedModelError(f"generation does not support models with {feature}")
 
 
-class DecodeLinear:
-    """A linear layer's `[out, in]` weight as the products of a `generate` call use it: `x [..., in]`
-    -> `x W^T [..., out]`.
+_HAS_MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl,
+                                                                       "_mkl_reorder_linear_weight")
 
-    On a CPU with MKL the weight is packed once per call for products of `rows` rows (MKL's packed
-    GEMM, the format torch's own CPU compiler uses for linear layers): a decode step's product of
-    a few rows with a weight read from memory then runs about 1.4x faster than with the plain
-    `[out, in]` weight or a row-major copy (the 8-row products of the large benchmark student: 14.7
-    vs 20 ms per step; its output layer 7.0 vs 12.1 ms), and packing costs less than a transposed
-    copy. Products of another row count (the prefill) use the plain weight, as does every device
-    without MKL. The weights change between calls, not during one.
+
+class DecodeLinear:
+    """A linear layer's `[out, in]` weight as the products of a `generate` call use it:
+    `x [..., in]` -> `x W^T [..., out]`.
+
+    On a CPU with MKL a float32 weight is packed once per call for products of `rows` rows (MKL's
+    packed GEMM, the format torch's own CPU compiler uses for linear layers): a decode step's
+    product of a few rows with a weight read from memory then runs about 1.4x faster than with the
+    plain `[out, in]` weight or a row-major copy (the 8-row products of the large benchmark student:
+    14.7 vs 20 ms per step; its output layer 7.0 vs 12.1 ms), and packing costs less than a
+    transposed copy. Products of another row count (the prefill) use the plain weight, as do other
+    dtypes and every device without MKL. The weights change between calls, not during one.
     """
 
     def __init__(self, weight, rows: int):
         self.weight = weight.detach()
         self.rows = rows
-        self.packed = (torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows)
-                       if self.weight.device.type == "cpu" and _HAS_MKL_PACKED_GEMM else None)
+        packs = (_HAS_MKL_PACKED_GEMM and self.weight.device.type == "cpu"
+                 and self.weight.dtype == torch.float32)
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows) if packs else None
 
     def __call__(self, x):
         if self.packed is None:
             return F.linear(x, self.weight)
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
 
-
-_HAS_MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl,
-                                                                       "_mkl_reorder_linear_weight")
 
 
 class KVCache:
