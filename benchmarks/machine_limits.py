@@ -11,7 +11,8 @@ Measured (best of several repeats; one process unless said):
                      projection, fc1, fc2 and the output layer) at 8 rows, weights read from
                      memory: from the `[out, in]` weight (`F.linear`) and through `DecodeLinear`
                      (MKL-packed where torch has MKL), GB/s of weights
-  two at once        the same product loop in two processes at once against one alone
+  two at once        a loop of 256^3 products and a loop of small operations, in one process
+                     alone and in two processes at once (the two data-parallel ranks' situation)
   gloo, 2 processes  all-reduce of 32 floats, all-gather, send/recv round trip (latency); the
                      all-reduce of the student's gradient buffer (fp32), GB/s
 
@@ -93,9 +94,13 @@ def decode_products(shape, vocab):
     return size / plain / 1e9, size / decode / 1e9, size
 
 
-def product_loop():
-    a = torch.randn(256, 256)
-    return best_seconds(lambda: [a @ a for _ in range(2000)], repeats=3)
+def loops():
+    """Seconds of a loop of 256^3 products (compute) and of a loop of small operations on `[8, 64]`
+    tensors (per-operation dispatch, what the toy pair's phases are made of)."""
+    a, x, w = torch.randn(256, 256), torch.randn(8, 64), torch.randn(64, 64)
+    return {"product loop": best_seconds(lambda: [a @ a for _ in range(2000)], repeats=3),
+            "small-op loop": best_seconds(lambda: [F.silu(x @ w + x) for _ in range(20000)],
+                                          repeats=3)}
 
 
 def _two_processes(rank, port, gradient_numel, out):
@@ -131,9 +136,11 @@ def _two_processes(rank, port, gradient_numel, out):
     dist.barrier()
     results["gradient all-reduce"] = best_seconds(lambda: dist.all_reduce(gradients), repeats=3)
     dist.barrier()
-    results["product loop, two at once"] = product_loop()
-    if rank == 0:
-        out.update(results)
+    dist.barrier()
+    both = loops()
+    results.update({f"{name}, rank {rank}": seconds for name, seconds in both.items()})
+    dist.barrier()
+    out.update({k: v for k, v in results.items() if rank == 0 or "rank" in k})
     dist.destroy_process_group()
 
 
@@ -158,17 +165,19 @@ def main():
     peak = matmul_peak(torch.device("cpu")) * 1e9
     stream = stream_gbs() * 1e9
     plain, decode, step_bytes = decode_products(student, vocab)
-    alone = product_loop()
+    alone = loops()
     comm = two_processes(student_params)
-    alone = min(alone, product_loop())  # before and after: the better moment of the machine
+    # before and after: the better moment of the machine
+    alone = {name: min(seconds, loops()[name]) for name, seconds in alone.items()}
 
     print(f"pair {opt.pair}; one thread per process; load average {os.getloadavg()[0]:.1f}")
     print(f"matmul peak            {peak / 1e9:8.1f} GFLOP/s")
     print(f"stream                 {stream / 1e9:8.1f} GB/s")
     print(f"decode products        {plain:8.1f} GB/s plain, {decode:.1f} GB/s DecodeLinear "
           f"({step_bytes / 2**20:.2f} MiB of weights per step)")
-    print(f"product loop           {alone:8.3f} s alone, {comm['product loop, two at once']:.3f} s "
-          f"with a second process")
+    for name, seconds in alone.items():
+        print(f"{name:22s} {seconds:8.3f} s alone; two processes at once: "
+              f"{comm[f'{name}, rank 0']:.3f} and {comm[f'{name}, rank 1']:.3f} s")
     for name in ("all-reduce, 32 floats", "all-gather, 32 floats", "send/recv round trip"):
         print(f"gloo {name:22s} {comm[name] * 1e6:8.0f} us")
     grad_seconds = comm["gradient all-reduce"]
