@@ -25,6 +25,7 @@ what no implementation of our iteration on this machine can beat; `vs_trl.py` sa
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -36,17 +37,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_profile import matmul_peak  # noqa: E402
-from vs_trl import LARGE, LARGE_VOCAB  # noqa: E402
+from vs_trl import LARGE, LARGE_VOCAB, TOY  # noqa: E402
 
 from megatron_tropd.rollout.kv_cache import DecodeLinear  # noqa: E402
 
-TOY = {  # examples/toy (vocabulary 20 + the benchmark's end-of-sequence row)
-    "student": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "teacher": dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=4, head_dim=24),
-}
 ROWS, PROMPT, RESPONSE = 8, 16, 32  # per rank
+
+
+def toy_shapes():
+    """The shapes of the `examples/toy` pair, from its HF configs, in `LARGE`'s keys, and its
+    vocabulary with the benchmark's end-of-sequence row."""
+    shapes = {}
+    for role in ("student", "teacher"):
+        with open(os.path.join(TOY, role, "config.json")) as f:
+            config = json.load(f)
+        shapes[role] = {key: config[key] for key in LARGE[role]}
+    return shapes, config["vocab_size"] + 1
 
 
 def best_seconds(fn, repeats=5):
@@ -156,7 +162,7 @@ def main():
     parser.add_argument("--pair", choices=("large", "toy"), default="large")
     opt = parser.parse_args()
     torch.set_num_threads(1)
-    shapes, vocab = (LARGE, LARGE_VOCAB + 1) if opt.pair == "large" else (TOY, 21)
+    shapes, vocab = (LARGE, LARGE_VOCAB + 1) if opt.pair == "large" else toy_shapes()
     student, teacher = shapes["student"], shapes["teacher"]
     student_params = (sum(i * o for i, o in product_shapes(student, vocab))
                       + vocab * student["hidden_size"]  # the embedding

@@ -307,6 +307,9 @@ def main():
                         help="torch threads of the TRL process (default: one per core)")
     parser.add_argument("--runs", default="trl_distill,trl_gkd,ours_opd,ours_rkl")
     opt = parser.parse_args()
+    if opt.iterations < 2 or opt.repeats < 1:
+        parser.error("--iterations must be at least 2 (the first is warm-up) and --repeats at "
+                     "least 1")
     opt.nproc = opt.nproc or (2 if opt.device == "cpu" else 1)
     if opt.trl_threads:
         torch.set_num_threads(opt.trl_threads)

@@ -94,7 +94,6 @@ class DecodeLinear:
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
 
 
-
 class KVCache:
     """Keys (after RoPE) and values of every layer of this rank's pipeline stage, and the decode
     forward of its layers.
