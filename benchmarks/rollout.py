@@ -71,6 +71,11 @@ def build_hf_model(megatron_sd: dict):
     return model
 
 
+def _responses(batch):
+    """`[B, new tokens]`: the greedy rows' new tokens (no stop ids: all of one length)."""
+    return torch.tensor(batch.responses())
+
+
 def hf_generate(model, prompts, new_tokens: int):
     """Greedy HF generation of left-padded prompts: the new tokens `[B, new_tokens]`."""
     width = max(len(p) for p in prompts)
@@ -118,9 +123,9 @@ def main():
     n_tokens = len(prompts) * args.new_tokens
 
     runs = {
-        "kv_cache": lambda: generate(model, prompts, params, ARCH.vocab_size).tokens[:, -args.new_tokens:],
-        "recompute": lambda: generate(model, prompts, params, ARCH.vocab_size,
-                                      use_kv_cache=False).tokens[:, -args.new_tokens:],
+        "kv_cache": lambda: _responses(generate(model, prompts, params, ARCH.vocab_size)),
+        "recompute": lambda: _responses(generate(model, prompts, params, ARCH.vocab_size,
+                                                 use_kv_cache=False)),
         "hf_generate": lambda: hf_generate(hf_model, prompts, args.new_tokens),
     }
     warm = SamplingParams(temperature=0.0, max_new_tokens=8)

@@ -144,10 +144,10 @@ class Profiler:
                 "gradient sync", run.model.config.finalize_model_grads_func)
             return run
 
-        def update(args, run, batch):
-            self._add("flops", 3.0 * student_forward_flops(run.model, batch.tokens,
-                                                           batch.loss_mask))
-            return original_update(args, run, batch)
+        def update(args, run, batch, micro_batches):
+            self._add("flops", 3.0 * sum(student_forward_flops(run.model, mb.tokens, mb.scored)
+                                         for mb in micro_batches))
+            return original_update(args, run, batch, micro_batches)
 
         training.timed, run_setup.setup_run, training.update = timed, setup_run, update
 

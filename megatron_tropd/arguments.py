@@ -4,6 +4,7 @@ holding every cross-flag check (each failure is a one-line `ArgumentError`)."""
 import argparse
 import dataclasses
 import os
+import sys
 
 from megatron_tropd.distill.losses import (METHODS, OUTLIER_MODES, TRUST_REGIONS, DistillConfig)
 
@@ -102,6 +103,9 @@ def _add_rollout_args(parser):
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k truncation")
     g.add_argument("--stop-ids", type=int, nargs="*", default=None,
                    help="token ids that end a response (the tokenizer's EOS is always one)")
+    g.add_argument("--rollout-batch-size", type=int, default=64,
+                   help="rows decoded at once per rank (the KV cache holds this many): a row that "
+                        "ends frees its slot for the next (continuous batching)")
     g.add_argument("--teacher-topk", type=int, default=64,
                    help="k of the teacher's top-k signals (FKL terms)")
     g.add_argument("--prefix-source", choices=("none", "offline", "online"), default="none",
@@ -119,7 +123,13 @@ def _add_training_args(parser):
     g.add_argument("--train-iters", type=int, required=True)
     g.add_argument("--prompts-per-iteration", type=int, default=8,
                    help="global batch of prompts per iteration (all data-parallel ranks)")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="most rows per micro-batch (teacher scoring and the update; default 4, "
+                        "or no row limit with --max-tokens-per-micro-batch)")
+    g.add_argument("--max-tokens-per-micro-batch", type=int, default=None,
+                   help="most tokens per micro-batch, padding included (rows x its longest row; "
+                        "rows are grouped by length); also bounds one prefill forward of the "
+                        "rollout. Memory per rank follows this, not the batch")
     g.add_argument("--lr", type=float, default=5e-6)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="constant")
@@ -204,18 +214,17 @@ def validate_args(args, world_size: int = 1):
     if args.prompts_per_iteration % dp:
         raise ArgumentError(f"--prompts-per-iteration {args.prompts_per_iteration} is not divisible "
                             f"by the data-parallel size {dp}")
-    if args.micro_batch_size < 1 or args.samples_per_prompt < 1 or args.epochs_per_rollout < 1:
-        raise ArgumentError("--micro-batch-size, --samples-per-prompt and --epochs-per-rollout "
-                            "must be >= 1")
-    prefix_rows = args.prefix_samples_per_prompt if args.prefix_source != "none" else 0
-    rows_per_prompt = 1 if args.mode == "sft" else args.samples_per_prompt + prefix_rows
-    local_rows = args.prompts_per_iteration // dp * rows_per_prompt
-    if local_rows % args.micro_batch_size:
-        raise ArgumentError(f"--micro-batch-size {args.micro_batch_size} does not divide the "
-                            f"{local_rows} sequences per data-parallel rank and iteration "
-                            f"(prompts per rank x rows per prompt)")
-    if args.max_new_tokens < 1:
-        raise ArgumentError("--max-new-tokens must be >= 1")
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 4 if args.max_tokens_per_micro_batch is None else sys.maxsize
+    for name in ("micro_batch_size", "samples_per_prompt", "epochs_per_rollout",
+                 "rollout_batch_size", "max_new_tokens", "max_prompt_length"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
+    longest_row = args.max_prompt_length + args.max_new_tokens
+    if args.max_tokens_per_micro_batch is not None and args.max_tokens_per_micro_batch < longest_row:
+        raise ArgumentError(f"--max-tokens-per-micro-batch {args.max_tokens_per_micro_batch} is "
+                            f"below one row of --max-prompt-length + --max-new-tokens = "
+                            f"{longest_row} tokens")
     if args.temperature <= 0:
         raise ArgumentError("--temperature must be > 0 for on-policy sampling (log-probs of the "
                             "sampler are needed)")

@@ -141,7 +141,7 @@ def load_prompts(path, tokenizer: Tokenizer, template: str = "auto",
 @dataclasses.dataclass
 class SFTExample:
     input_ids: list[int]  # prompt, response, EOS
-    loss_mask: list[int]  # 1 on the response and its EOS, 0 on the prompt
+    prompt_length: int    # the tokens before the response (not trained on)
 
 
 def load_sft(path, tokenizer: Tokenizer, template: str = "auto",
@@ -156,7 +156,7 @@ def load_sft(path, tokenizer: Tokenizer, template: str = "auto",
         if max_length is not None and len(input_ids) > max_length:
             raise DataError(f"{where}: prompt, response and EOS are {len(input_ids)} tokens, "
                             f"longer than the maximum length {max_length}")
-        examples.append(SFTExample(input_ids, [0] * len(ids) + [1] * len(response)))
+        examples.append(SFTExample(input_ids, len(ids)))
     return examples
 
 

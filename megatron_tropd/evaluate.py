@@ -58,16 +58,11 @@ def outcomes(model, tokenizer, examples, vocab_size: int, params,
     """Verifier outcome of every sample, per example (`params.n_samples` each)."""
     from megatron_tropd.rollout.generate import generate
 
-    results = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = generate(model, [e.prompt_ids for e in chunk], params, vocab_size,
-                         sample_offset=start * params.n_samples, pad_id=tokenizer.pad_id)
-        responses = batch.responses()
-        for i, example in enumerate(chunk):
-            rows = responses[i * params.n_samples:(i + 1) * params.n_samples]
-            results.append([verify(tokenizer.decode(r), example.answer) for r in rows])
-    return results
+    responses = generate(model, [e.prompt_ids for e in examples], params, vocab_size,
+                         rollout_batch_size=batch_size).responses()
+    n = params.n_samples
+    return [[verify(tokenizer.decode(r), example.answer) for r in responses[i * n:(i + 1) * n]]
+            for i, example in enumerate(examples)]
 
 
 def evaluate(model, tokenizer, examples, vocab_size: int, max_new_tokens: int,
@@ -88,7 +83,7 @@ def evaluate(model, tokenizer, examples, vocab_size: int, max_new_tokens: int,
         sampled = outcomes(model, tokenizer, examples, vocab_size,
                            SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
                                           stop_ids=stop, n_samples=samples, seed=seed),
-                           max(1, batch_size // samples))
+                           batch_size)
         correct = [s.count(CORRECT) for s in sampled]
         for k in pass_k:
             rates = [pass_at_k(samples, c, k) for c in correct]
@@ -111,7 +106,8 @@ def _parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=0,
                         help="samples per problem for pass@k (0: greedy pass@1 only)")
     parser.add_argument("--temperature", type=float, default=1.0, help="of the pass@k samples")
-    parser.add_argument("--batch-size", type=int, default=100, help="sequences per generate call")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="sequences decoded at once (continuous batching)")
     parser.add_argument("--prompt-template", choices=("auto", "chat", "plain"), default="plain")
     parser.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N")
     parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, metavar="N")

@@ -10,26 +10,26 @@ One distillation iteration on every data-parallel rank:
   prompts (this rank's slice of the global batch)
   -> [teacher prefixes, floor(alpha(step) * L_T) tokens]            (TrOPD off-policy guidance)
   -> student rollouts (KV cache, vocabulary-parallel sampling)      -> tokens, lp_S_old
+  -> micro-batches by length (row count, token budget)
   -> teacher scoring (frozen, forward-only)                         -> lp_T, top-k, entropy
   -> token selection over the global batch (REOPOLD, Entropy-OPD)
-  -> epochs x [forward_backward over micro-batches, token-mean loss over the global batch,
-               finalize grads (DDP), clip, optimiser step, LR schedule]
+  -> epochs x [forward_backward over micro-batches (the teacher's logits alongside for JSD and
+               the KL trust region), token-mean loss over the global batch, finalize grads
+               (DDP), clip, optimiser step, LR schedule]
   -> metrics (console + TensorBoard), checkpoint.
 """
 
-import dataclasses
 import os
 import sys
 import time
 from functools import partial
-from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_tropd import arguments, checkpointing, faults, run_setup
 from megatron_tropd.distill import losses
-from megatron_tropd.distill.inputs import token_inputs
+from megatron_tropd.distill.inputs import with_student_inputs
 from megatron_tropd.distill.teacher import score as teacher_score
 from megatron_tropd.distill.token_selection import (selection_fraction, selection_scores,
                                                     top_fraction_mask)
@@ -41,28 +41,11 @@ from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout import prefix as prefix_schedule
 from megatron_tropd.rollout.generate import SamplingParams, generate
 from megatron_tropd.stopping import StopConditions
+from megatron_tropd.tokens import TokenBatch, TokenRecord, plan_micro_batches
 
-# Keys of the trust-test uniforms: distinct from the sampler's, same (sample id, column) indexing.
+# Keys of the trust-test uniforms: distinct from the sampler's, the same (sample id, response
+# position) indexing, so the draws do not depend on the layout or the batch's padding.
 _TRUST_SEED_OFFSET = 0x7F4A7C15
-
-
-@dataclasses.dataclass
-class TrainBatch:
-    """Rows the student is updated on. `tokens [B, T]`; `loss_mask [B, T]` the scored tokens
-    (entry j is about token j, predicted from column j - 1); `attention_mask [B, 1, T, T]` (None:
-    plain causal); `fields`: per-token loss inputs aligned with `tokens` (last stage only)."""
-
-    tokens: torch.Tensor
-    loss_mask: torch.Tensor
-    attention_mask: Optional[torch.Tensor]
-    fields: Dict[str, torch.Tensor]
-
-    def rows(self, start: int, end: int) -> "TrainBatch":
-        return TrainBatch(
-            self.tokens[start:end], self.loss_mask[start:end],
-            None if self.attention_mask is None else self.attention_mask[start:end],
-            {k: v[start:end] for k, v in self.fields.items()},
-        )
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -113,14 +96,14 @@ def train(args):
             timings = {}
             if args.mode == "sft":
                 batch, batch_metrics = timed(timings, "data", sft_batch, args, run)
+                micro_batches = micro_batches_of(args, run, batch)
             else:
-                rollout, batch_metrics = timed(timings, "rollout", rollouts, args, run, step)
-                signals = timed(timings, "teacher", teacher_score, run.teacher, rollout,
-                                run.vocab_size, args.teacher_topk if run.needs.topk else 0,
-                                run.needs.teacher_full, args.micro_batch_size)
-                batch, teacher_metrics = distill_batch(args, run, rollout, signals, step)
-                batch_metrics.update(teacher_metrics)
-            totals, grad_norm = timed(timings, "train", update, args, run, batch)
+                batch, batch_metrics = timed(timings, "rollout", rollouts, args, run, step)
+                micro_batches = micro_batches_of(args, run, batch)
+                timed(timings, "teacher", teacher_score, run.teacher, batch, micro_batches,
+                      run.vocab_size, args.teacher_topk if run.needs.topk else 0)
+                batch_metrics.update(distill_fields(args, run, batch, step))
+            totals, grad_norm = timed(timings, "train", update, args, run, batch, micro_batches)
             run.iteration += 1
             sums = _reduce_over_data_parallel({**batch_metrics, **totals})  # one all-reduce
             sums["grad_norm"] = (torch.tensor(grad_norm), torch.tensor(1.0))
@@ -171,13 +154,15 @@ def rollouts(args, run, step):
                             max_new_tokens=args.max_new_tokens, stop_ids=run.stop_ids,
                             n_samples=1, seed=args.seed)
     batch = generate(run.model, row_prompts, params, run.vocab_size, prefixes=prefixes,
-                     sample_offset=first_prompt * rows_per_prompt, pad_id=run.pad_id,
-                     record_entropy=True)
-    response_lengths = batch.student_mask.sum(1).float()
+                     sample_offset=first_prompt * rows_per_prompt, record_entropy=True,
+                     rollout_batch_size=args.rollout_batch_size,
+                     max_prefill_tokens=args.max_tokens_per_micro_batch)
+    record = batch.record
     metrics = {
-        "response_length": (response_lengths.sum(), torch.tensor(float(len(row_prompts)))),
-        "entropy_student": (batch.student_entropy[batch.student_mask].sum(),
-                            batch.student_mask.sum().float()),
+        "response_length": (torch.tensor(float(sum(batch.student_lengths))),
+                            torch.tensor(float(len(row_prompts)))),
+        "entropy_student": (record.student_entropy[record.on_policy].sum(),
+                            record.on_policy.sum().float()),
     }
     if _prefix_rows(args):
         metrics["prefix_alpha"] = (torch.tensor(prefix_schedule.prefix_fraction(
@@ -189,78 +174,72 @@ def _prefix_rows(args) -> int:
     return args.prefix_samples_per_prompt if args.prefix_source != "none" else 0
 
 
-def distill_batch(args, run, rollout, signals, step):
-    """The update's inputs: rollout tokens plus, on the last stage, every per-token loss input
-    (and the teacher's mean entropy as a metric)."""
+def micro_batches_of(args, run, batch: TokenBatch):
+    """The batch's rows in micro-batches of at most --micro-batch-size rows and
+    --max-tokens-per-micro-batch tokens, longest rows first (teacher scoring and the update)."""
+    plan = plan_micro_batches(batch.lengths, args.micro_batch_size,
+                              args.max_tokens_per_micro_batch)
+    return [batch.micro_batch(rows, run.pad_id) for rows in plan]
+
+
+def distill_fields(args, run, batch, step):
+    """On the last stage, the record's trainer-made fields: the trust test's uniforms and the
+    REOPOLD / Entropy-OPD selection over the global batch. Returns the teacher's mean entropy as
+    a metric."""
     from megatron.core import parallel_state
 
-    fields, metrics = {}, {}
-    if parallel_state.is_pipeline_last_stage():
-        needs = run.needs
-        metrics["entropy_teacher"] = (signals.entropy[rollout.student_mask].sum(),
-                                      rollout.student_mask.sum().float())
-        fields = dict(old_logprobs=rollout.lp_S_old, teacher_logprobs=signals.token_log_probs,
-                      on_policy=rollout.student_mask, prefix=rollout.prefix_mask)
-        if needs.uniform:
-            columns = torch.arange(rollout.tokens.shape[1])
-            keys = vp.sampling_keys(args.seed + _TRUST_SEED_OFFSET, rollout.sample_ids[:, None],
-                                    columns[None, :])
-            fields["uniform"] = vp.uniform_from_keys(keys)
-        if needs.topk:
-            fields.update(teacher_topk_logprobs=signals.topk_log_probs,
-                          teacher_topk_ids=signals.topk_ids)
-        if needs.teacher_entropy:
-            fields["teacher_entropy"] = signals.entropy
-        if needs.teacher_full:
-            fields["teacher_full_logprobs"] = signals.log_probs
-        if needs.selection:
-            scores = selection_scores(run.config, step, signals.token_log_probs - rollout.lp_S_old,
-                                      rollout.student_entropy)
-            fields["selected"] = top_fraction_mask(scores, rollout.student_mask,
-                                                   selection_fraction(run.config),
-                                                   parallel_state.get_data_parallel_group())
-    batch = TrainBatch(rollout.tokens, rollout.response_mask, rollout.attention_mask(), fields)
-    return batch, metrics
+    if not parallel_state.is_pipeline_last_stage():
+        return {}
+    needs, record = run.needs, batch.record
+    if needs.uniform:
+        keys = vp.sampling_keys(args.seed + _TRUST_SEED_OFFSET, batch.record_sample_ids(),
+                                batch.record_positions())
+        record.uniform = vp.uniform_from_keys(keys)
+    if needs.selection:
+        scores = selection_scores(run.config, step, record.teacher_logprobs - record.old_logprobs,
+                                  record.student_entropy)
+        record.selected = top_fraction_mask(scores, record.on_policy,
+                                            selection_fraction(run.config),
+                                            parallel_state.get_data_parallel_group())
+    return {"entropy_teacher": (record.teacher_entropy[record.on_policy].sum(),
+                                record.on_policy.sum().float())}
 
 
 # --- SFT batches --------------------------------------------------------------------------------
 
 
 def sft_batch(args, run):
-    """This rank's SFT examples, right-padded to one length (causal attention needs no mask)."""
+    """This rank's SFT examples: prompt + response rows, the response scored."""
     examples = [run.sft_examples[i] for i in run.sampler.next_indices()]
-    length = max(len(e.input_ids) for e in examples)
-    tokens = torch.full((len(examples), length), run.pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), length), dtype=torch.bool)
-    for row, e in enumerate(examples):
-        tokens[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        loss_mask[row, :len(e.loss_mask)] = torch.tensor(e.loss_mask, dtype=torch.bool)
-    loss_mask[:, 0] = False  # the first token has no prediction
-    metrics = {"sequence_length": (loss_mask.sum().float(), torch.tensor(float(len(examples))))}
-    return TrainBatch(tokens, loss_mask, None, {}), metrics
+    device = next(run.model.parameters()).device
+    sequences = [torch.tensor(e.input_ids, dtype=torch.long, device=device) for e in examples]
+    prompt_lengths = [e.prompt_length for e in examples]
+    record = TokenRecord(ids=torch.cat([s[p:] for s, p in zip(sequences, prompt_lengths)]))
+    metrics = {"sequence_length": (torch.tensor(float(len(record))),
+                                   torch.tensor(float(len(examples))))}
+    return TokenBatch(sequences, prompt_lengths, record), metrics
 
 
 # --- the student update -------------------------------------------------------------------------
 
 
-def update(args, run, batch: TrainBatch):
+def update(args, run, batch: TokenBatch, micro_batches):
     """`epochs_per_rollout` optimiser steps on `batch`; returns this rank's metric sums over the
     micro-batches (the caller reduces them over data-parallel ranks with the batch's metrics, in
     one all-reduce) and the last step's gradient norm."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    rows = batch.tokens.shape[0]
-    mbs = args.micro_batch_size
-    micro_batches = [batch.rows(s, s + mbs) for s in range(0, rows, mbs)]
     totals = {}
     for _ in range(args.epochs_per_rollout):
         run.ddp.zero_grad_buffer()
         run.optimizer.zero_grad()
         reduced = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, args, run),
-            data_iterator=iter(micro_batches), model=[run.ddp],
-            num_microbatches=len(micro_batches), seq_length=batch.tokens.shape[1],
-            micro_batch_size=mbs, forward_only=False,
+            data_iterator=((mb, batch.record.select(mb.index)) for mb in micro_batches),
+            model=[run.ddp], num_microbatches=len(micro_batches),
+            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+            forward_only=False,
         )
         if _all_finite(run, reduced):
             _, grad_norm, _ = run.optimizer.step()
@@ -311,27 +290,32 @@ def _skip_nonfinite_step(args, run):
 
 
 def _forward_step(args, run, data_iterator, model):
-    mb = next(data_iterator)
-    predicting = scored_logits(model, mb.tokens, mb.attention_mask, mb.loss_mask)
-    return predicting, partial(_loss, args, run, mb)
+    mb, record = next(data_iterator)
+    teacher = run.teacher if args.mode == "distill" and run.needs.teacher_full else None
+    logits = scored_logits(model, mb.tokens, mb.scored, teacher)
+    return logits, partial(_loss, args, run, record)
 
 
-def _loss(args, run, mb: TrainBatch, predicting):
-    """Token-sum of the per-token loss of one micro-batch, its token count (megatron divides the
-    gradients by the global count: token-mean over the global batch) and metric sums.
-    `predicting [N, V/tp]`: row n is the logits shard predicting the n-th scored token."""
-    mask = mb.loss_mask
-    targets = mb.tokens[mask]
+def per_token_loss(args, run, record: TokenRecord, logits):
+    """The per-token loss `[N]` of one micro-batch and its metric sums, from the last stage's
+    logits: the student's shard predicting each record entry `[N, V/tp]`, or (student, teacher)
+    shards when the method needs the teacher's full distribution."""
     if args.mode == "sft":
-        per_token = -vp.token_log_probs(predicting, targets, run.vocab_size)
-        metrics = {"sft_loss": (per_token.detach().sum(), torch.tensor(float(per_token.numel())))}
-    else:
-        x = token_inputs(predicting, targets, run.vocab_size, run.needs,
-                         jsd_beta=run.config.jsd_beta,
-                         **{k: v[mask] for k, v in mb.fields.items()})
-        out = losses.compute_loss(x, run.config)
-        per_token, metrics = out.per_token, dict(out.metrics)
-    n_tokens = mask.sum()
+        per_token = -vp.token_log_probs(logits, record.ids, run.vocab_size)
+        return per_token, {"sft_loss": (per_token.detach().sum(),
+                                        torch.tensor(float(per_token.numel())))}
+    student_logits, teacher_logits = logits if run.needs.teacher_full else (logits, None)
+    x = with_student_inputs(record, student_logits, run.vocab_size, run.needs, teacher_logits,
+                            jsd_beta=run.config.jsd_beta)
+    out = losses.compute_loss(x, run.config)
+    return out.per_token, dict(out.metrics)
+
+
+def _loss(args, run, record: TokenRecord, logits):
+    """Token-sum of the per-token loss of one micro-batch, its token count (megatron divides the
+    gradients by the global count: token-mean over the global batch) and metric sums."""
+    per_token, metrics = per_token_loss(args, run, record, logits)
+    n_tokens = torch.tensor(len(record), device=per_token.device)
     loss = per_token.sum()
     metrics["loss"] = (loss.detach().float(), n_tokens.float())
     return loss, n_tokens.int(), {k: (torch.as_tensor(s).float(), torch.as_tensor(c).float())

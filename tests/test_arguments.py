@@ -32,9 +32,10 @@ def test_good_flags_pass_and_give_the_data_parallel_size(files):
      "world size 4 is not divisible by tensor-model-parallel size 3 x pipeline-model-parallel size 1"),
     (("--prompts-per-iteration", "3"), 2,
      "--prompts-per-iteration 3 is not divisible by the data-parallel size 2"),
-    (("--micro-batch-size", "3"), 1,
-     "--micro-batch-size 3 does not divide the 8 sequences per data-parallel rank and iteration "
-     "(prompts per rank x rows per prompt)"),
+    (("--max-tokens-per-micro-batch", "700"), 1,
+     "--max-tokens-per-micro-batch 700 is below one row of --max-prompt-length + --max-new-tokens "
+     "= 768 tokens"),
+    (("--rollout-batch-size", "0"), 1, "--rollout-batch-size must be >= 1"),
     (("--temperature", "0"), 1, "--temperature must be > 0 for on-policy sampling (log-probs of "
                                 "the sampler are needed)"),
     (("--top-p", "1.5"), 1, "--top-p must be in (0, 1] and --top-k >= 0"),

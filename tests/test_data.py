@@ -215,19 +215,19 @@ def test_prompt_length_limit(hf, tmp_path):
         f"{path}:2: prompt is {length} tokens, longer than the maximum prompt length {length - 1}")
 
 
-def test_sft_examples_and_masks(hf, sp, sp_ref, tmp_path):
+def test_sft_examples_and_prompt_lengths(hf, sp, sp_ref, tmp_path):
     path = write_lines(tmp_path / "sft.jsonl", json.dumps({"prompt": QUESTION, "response": "five"}),
                        json.dumps({"messages": SYSTEM_AND_USER, "response": "hello world"}))
     first, second = load_sft(path, hf)
     assert first.input_ids == [BOS, USER] + QUESTION_IDS + [END, ASSISTANT, ID["five"], EOS]
-    assert first.loss_mask == [0] * 10 + [1, 1]
+    assert first.prompt_length == 10
     assert second.input_ids[-3:] == [ID["hello"], ID["world"], EOS]
-    assert second.loss_mask == [0] * (len(second.input_ids) - 3) + [1, 1, 1]
+    assert second.prompt_length == len(second.input_ids) - 3
 
     first_sp = load_sft(path, sp)[0]
     prompt = [1] + sp_ref.encode(QUESTION)
     assert first_sp.input_ids == prompt + sp_ref.encode("five") + [2]
-    assert first_sp.loss_mask == [0] * len(prompt) + [1] * (len(sp_ref.encode("five")) + 1)
+    assert first_sp.prompt_length == len(prompt)
 
     assert data_error(load_sft, path, hf, max_length=11) == (
         f"{path}:1: prompt, response and EOS are 12 tokens, longer than the maximum length 11")

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from megatron_tropd.distill.losses import DistillConfig, TokenInputs, compute_loss, trust_mask
+from megatron_tropd.distill.losses import DistillConfig, compute_loss, trust_mask
+from megatron_tropd.tokens import TokenRecord
 from megatron_tropd.testing import merge_reports, run_distributed
 
 VOCAB, PADDED, T, K = 300, 512, 24, 20
@@ -50,13 +51,13 @@ def _data():
         # the sampler's log-probs, perturbed so ratios differ from one and PPO clipping bites
         old=(lp_s.gather(1, tokens[:, None])[:, 0] + 0.3 * torch.randn(T, generator=g, dtype=torch.float64)).float(),
         lp_t=lp_t.gather(1, tokens[:, None])[:, 0].float(),
-        on_policy=torch.cat([~mask[:18], mask[18:]]),
-        prefix=torch.cat([mask[:18], ~mask[18:22], mask[22:]]),
+        on_policy=torch.cat([~mask[:18], mask[18:]]),  # the rest are teacher-prefix tokens
+        prefix=torch.cat([mask[:18], ~mask[18:]]),
         uniform=torch.rand(T, generator=g),
         selected=torch.rand(T, generator=g) < 0.5,
         t_topk_lp=t_topk_lp.float(), t_topk_ids=t_topk_ids,
         t_entropy=-(lp_t.exp() * lp_t).sum(-1).float(),
-        t_full=torch.cat([lp_t.float(), torch.full((T, PADDED - VOCAB), -math.inf)], -1),
+        t_logprobs=lp_t,
         rkl=(lp_s.exp() * (lp_s - lp_t)).sum(-1),
     )
 
@@ -64,19 +65,22 @@ def _data():
 def _ours(config, d):
     from megatron.core import parallel_state as ps
 
-    from megatron_tropd.distill.inputs import token_inputs
+    from megatron_tropd.distill.inputs import with_student_inputs
     from megatron_tropd.distill.losses import needs
+    from megatron_tropd.tokens import TokenRecord
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     local = PADDED // tp
     cols = slice(rank * local, (rank + 1) * local)
     logits = d["student"][:, cols].clone().requires_grad_(True)
-    x = token_inputs(
-        logits, d["tokens"], VOCAB, needs(config), old_logprobs=d["old"],
-        teacher_logprobs=d["lp_t"], on_policy=d["on_policy"], prefix=d["prefix"],
-        uniform=d["uniform"], selected=d["selected"], teacher_topk_logprobs=d["t_topk_lp"],
-        teacher_topk_ids=d["t_topk_ids"], teacher_entropy=d["t_entropy"],
-        teacher_full_logprobs=d["t_full"][:, cols], jsd_beta=config.jsd_beta)
+    record = TokenRecord(
+        ids=d["tokens"], on_policy=d["on_policy"], old_logprobs=d["old"],
+        teacher_logprobs=d["lp_t"], uniform=d["uniform"], selected=d["selected"],
+        teacher_topk_logprobs=d["t_topk_lp"], teacher_topk_ids=d["t_topk_ids"].int(),
+        teacher_entropy=d["t_entropy"])
+    # the teacher's raw logits shard, padded columns included (they must be ignored)
+    x = with_student_inputs(record, logits, VOCAB, needs(config), d["teacher"][:, cols],
+                            jsd_beta=config.jsd_beta)
     out = compute_loss(x, config)
     n_tokens = (d["on_policy"] | d["prefix"]).sum()
     loss = out.per_token.sum() / n_tokens
@@ -138,7 +142,7 @@ def _reference(config, d):
     elif m == "entropy-opd":
         per = torch.where(on & d["selected"], pg(adv), zero)
     elif m == "jsd":
-        p, q = lp_full.exp(), torch.exp(d["t_full"][:, :VOCAB].double())
+        p, q = lp_full.exp(), d["t_logprobs"].exp()
         b = config.jsd_beta
         mix = b * q + (1 - b) * p
         per = torch.where(on, b * (q * (q / mix).log()).sum(-1) + (1 - b) * (p * (p / mix).log()).sum(-1), zero)
@@ -188,15 +192,15 @@ def test_loss_matches_full_vocabulary_reference(reports, name, tp):
     assert reports[tp][name] is None, reports[tp][name]
 
 
-# --- single-process checks on TokenInputs -----------------------------------------------------------
+# --- single-process checks on the token record --------------------------------------------------
 
 
 def _inputs(n, log_ratio, **extra):
-    """TokenInputs with on-policy tokens whose lp_T - lp_S_old = log_ratio, ratio exactly one."""
+    """A record of on-policy tokens whose lp_T - lp_S_old = log_ratio, ratio exactly one."""
     student = torch.full((n,), -2.0, dtype=torch.float64, requires_grad=True)
-    return TokenInputs(student_logprobs=student, old_logprobs=student.detach().clone(),
-                       teacher_logprobs=-2.0 + log_ratio, on_policy=torch.ones(n, dtype=torch.bool),
-                       prefix=torch.zeros(n, dtype=torch.bool), **extra)
+    return TokenRecord(ids=torch.zeros(n, dtype=torch.long), student_logprobs=student,
+                       old_logprobs=student.detach().clone(), teacher_logprobs=-2.0 + log_ratio,
+                       on_policy=torch.ones(n, dtype=torch.bool), **extra)
 
 
 def test_trust_mask_follows_p_trust_in_distribution():
@@ -265,8 +269,7 @@ def test_outlier_fkl_code_faithful_writes_the_value_into_the_advantage():
 
 def test_trusted_tokens_get_plain_opd_and_prefix_tokens_beta_ce():
     x = _inputs(4, torch.tensor([0.5, 0.2, -0.3, 0.0], dtype=torch.float64))
-    x.prefix = torch.tensor([False, False, True, True])
-    x.on_policy = ~x.prefix
+    x.on_policy = torch.tensor([True, True, False, False])
     _grads(DistillConfig(trust_region="deterministic", trust_tau=1.0, outlier_mode="mask"), x)
     # token 0, 1 trusted (log ratio >= 0): -A; tokens 2, 3 prefix: -β
     torch.testing.assert_close(x.student_logprobs.grad,

@@ -22,6 +22,10 @@ ARCHS = {
                                   ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
                                   head_dim=32),
 }
+# the frozen teacher of the paired forward: another width than the student's, so a mix-up of
+# the two models' halves of the pipeline's activations shows
+TEACHER = ModelArch(family="qwen3", vocab_size=VOCAB, hidden_size=96, ffn_hidden_size=64,
+                    num_layers=2, num_attention_heads=4, num_query_groups=2)
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp); (1, 1) for the scored_logits variant
 
 
@@ -48,14 +52,16 @@ def _scored():
     return mask
 
 
-def _forward_backward(arch_name, state_dict, forward="all"):
+def _forward_backward(arch_name, state_dict, forward="all", teacher_sd=None):
     """Build at the current layout (loading `state_dict` if given), run one forward/backward
     through megatron's schedule with DDP and `finalize_model_grads`, as training does; return
     global logits, gradients and the weights used.
 
     forward: "all", megatron's forward and a loss over every position; "select", megatron's
     forward with the positions predicting `_scored()` tokens selected from its logits;
-    "scored_logits", `models.forward.scored_logits` on the same tokens (the same loss)."""
+    "scored_logits", `models.forward.scored_logits` on the same tokens (the same loss);
+    "paired", `scored_logits` with the frozen `TEACHER` (weights `teacher_sd`) alongside: the same
+    loss on the student's logits, the teacher's logits returned as `teacher_logits`."""
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -64,7 +70,7 @@ def _forward_backward(arch_name, state_dict, forward="all"):
     from megatron_tropd.models import sharding
     from megatron_tropd.models.builder import build_model
 
-    arch = ARCHS[arch_name]
+    arch = TEACHER if arch_name == "teacher" else ARCHS[arch_name]
     model = build_model(arch)
     if state_dict is None:
         _perturb_norms(model)
@@ -75,6 +81,10 @@ def _forward_backward(arch_name, state_dict, forward="all"):
     model.config.finalize_model_grads_func = finalize_model_grads
     from megatron_tropd.models.forward import scored_logits
 
+    teacher = None
+    if forward == "paired":
+        teacher = build_model(TEACHER, "teacher")
+        sharding.load_global_state_dict(teacher, teacher_sd)
     tokens, weights = _inputs()
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
     scored = _scored()
@@ -83,6 +93,10 @@ def _forward_backward(arch_name, state_dict, forward="all"):
     captured = {}
 
     def loss_func(output):
+        if forward == "paired":
+            output, teacher_output = output
+            captured["teacher_logits"] = gather_from_tensor_model_parallel_region(
+                teacher_output)[..., :VOCAB].clone()
         full = gather_from_tensor_model_parallel_region(output)[..., :VOCAB]
         if forward == "select":
             full = full[:, :-1][scored[:, 1:]]
@@ -90,16 +104,16 @@ def _forward_backward(arch_name, state_dict, forward="all"):
         return (full * weights).sum(), {}
 
     def forward_step(data_iterator, model):
-        if forward == "scored_logits":
-            return scored_logits(model, next(data_iterator), None, scored), loss_func
+        if forward in ("scored_logits", "paired"):
+            return scored_logits(model, next(data_iterator), scored, teacher), loss_func
         return model(next(data_iterator), positions, None), loss_func
 
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter([tokens]), model=[ddp],
         num_microbatches=1, seq_length=SEQ, micro_batch_size=BATCH, forward_only=False,
     )
-    return dict(logits=captured.get("logits"), weights=weights_used,
-                grads=sharding.global_state_dict(model, VOCAB, grads=True))
+    return dict(logits=captured.get("logits"), teacher_logits=captured.get("teacher_logits"),
+                weights=weights_used, grads=sharding.global_state_dict(model, VOCAB, grads=True))
 
 
 def _merged_grads(rank_results):
@@ -134,6 +148,7 @@ def _reference_all():
     for name in ARCHS:
         out[name] = _forward_backward(name, None)
         out[f"{name}/scored"] = _forward_backward(name, out[name]["weights"], "select")
+    out["teacher"] = _forward_backward("teacher", None, "select")
     return out
 
 
@@ -143,6 +158,8 @@ def _layout_all(reference):
         out[name] = _forward_backward(name, reference[name]["weights"])
         out[f"{name}/scored"] = _forward_backward(name, reference[name]["weights"],
                                                   "scored_logits")
+    out["paired"] = _forward_backward("llama_gqa", reference["llama_gqa"]["weights"], "paired",
+                                      reference["teacher"]["weights"])
     return out
 
 
@@ -166,6 +183,22 @@ def test_layout_matches_single_process(reference, layouts, arch_name, tp, pp):
     grads = _merged_grads(ranks)
     assert set(grads) == set(ref["grads"])
     for name, expected in ref["grads"].items():
+        _assert_close(grads[name], expected, name)
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_paired_teacher_forward(reference, layouts, tp, pp):
+    """`scored_logits` with the teacher alongside (its activations travelling the pipeline with
+    the student's): the teacher's logits equal its own forward's, the student's logits and
+    gradients are those of the student alone."""
+    ranks = [r["paired"] for r in layouts[(tp, pp)]]
+    for r in ranks:
+        if r["logits"] is not None:
+            _assert_close(r["logits"], reference["llama_gqa/scored"]["logits"], "student logits")
+            _assert_close(r["teacher_logits"], reference["teacher"]["logits"], "teacher logits")
+    assert sum(r["teacher_logits"] is not None for r in ranks) == tp
+    grads = _merged_grads(ranks)
+    for name, expected in reference["llama_gqa/scored"]["grads"].items():
         _assert_close(grads[name], expected, name)
 
 

@@ -81,9 +81,9 @@ CASES = {
         "a bad flag combination (--prefix-source offline without responses)",
         "error: --prefix-source offline needs --teacher-responses"),
     "micro_batch": Case(
-        "--micro-batch-size not dividing the rows per rank",
-        "error: --micro-batch-size 3 does not divide the 8 sequences per data-parallel rank and "
-        "iteration (prompts per rank x rows per prompt)"),
+        "a --max-tokens-per-micro-batch below one row",
+        "error: --max-tokens-per-micro-batch 20 is below one row of --max-prompt-length + "
+        "--max-new-tokens = 24 tokens"),
     "missing_checkpoint": Case(
         "a --student-load directory that does not exist",
         "error: --student-load {tmp}/nope does not exist"),
@@ -387,7 +387,7 @@ PREPARE = {
     "unknown_flag": lambda root, tmp: _flags(root, "--lr-schedule", "cosine"),
     "missing_value": lambda root, tmp: _flags(root, "--lr"),
     "flag_combination": lambda root, tmp: _flags(root, "--prefix-source", "offline"),
-    "micro_batch": lambda root, tmp: _flags(root, "--micro-batch-size", "3"),
+    "micro_batch": lambda root, tmp: _flags(root, "--max-tokens-per-micro-batch", "20"),
     "missing_checkpoint": lambda root, tmp: _flags(root, "--student-load",
                                                    os.path.join(tmp, "nope")),
     "not_a_checkpoint": lambda root, tmp: _flags(root, "--teacher-load", tmp),

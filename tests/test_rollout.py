@@ -1,9 +1,11 @@
 """Rollouts and teacher scoring against independent references, at TP=1/2/4, PP=2 and TP2xPP2.
 
-One spawn at TP=1 PP=1 builds the student and teacher, checks generation against full recompute,
-a training-mode forward, stop ids and teacher prefixes, and computes the references (greedy and
-sampled tokens, teacher signals from gathered full-vocabulary logits with plain torch). Each other
-layout is one spawn that loads the same weights (global state dict) and must reproduce them.
+One spawn at TP=1 PP=1 builds the student and teacher and checks the engine (KV cache, continuous
+batching through fewer slots than rows, shared prefill, prefill budgets) against full recompute
+with megatron's forward, against today's layout (left-padded contexts under an explicit padding
+mask), a training-mode forward, stop ids and teacher prefixes; it computes the references (greedy
+and sampled tokens, teacher signals from each row's full-vocabulary logits with plain torch). Each
+other layout is one spawn that loads the same weights (global state dict) and must reproduce them.
 """
 
 import dataclasses
@@ -23,6 +25,11 @@ PROMPTS = [[17, 3, 99], [5, 6, 7, 8, 9, 10, 11], [4], [120, 121, 9, 33, 201]]
 NEW_TOKENS = 10
 TOP_K = 8
 LP_TOL = 1e-5
+# About one id in six ends a row: sampled rows get lengths from 1 to the limit.
+STOPS = tuple(range(5, VOCAB, 6))
+# (rollout batch size, prefill token budget) of the engine: all rows at once, one slot (every row
+# admitted alone, samples of a prompt from the staging row), and few slots with small prefills.
+ENGINES = [(None, None), (1, None), (2, 6), (5, 4)]
 
 
 def _greedy():
@@ -32,11 +39,14 @@ def _greedy():
 
 
 def _sampled():
-    """Two sampling settings: plain temperature with n samples, and top-k + top-p truncation."""
+    """Three sampling settings: temperature with n samples and stop ids (rows of many lengths),
+    top-k + top-p truncation, and a low temperature."""
     from megatron_tropd.rollout.generate import SamplingParams
 
-    return [SamplingParams(temperature=1.0, max_new_tokens=8, n_samples=2, seed=3),
-            SamplingParams(temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=8, seed=5)]
+    return [SamplingParams(temperature=1.0, max_new_tokens=8, n_samples=3, seed=3, stop_ids=STOPS),
+            SamplingParams(temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=8, seed=5),
+            SamplingParams(temperature=0.5, max_new_tokens=6, n_samples=2, seed=9,
+                           stop_ids=STOPS)]
 
 
 def _generate(model, params, **kwargs):
@@ -54,21 +64,36 @@ def _model(state_dict, role="student"):
     return model
 
 
+def _assert_same_rollout(got, expected, what=""):
+    """Equal sequences and record, log-probs and entropies within LP_TOL."""
+    assert [s.tolist() for s in got.sequences] == [s.tolist() for s in expected.sequences], what
+    assert got.prompt_lengths == expected.prompt_lengths and \
+        got.prefix_lengths == expected.prefix_lengths and got.sample_ids == expected.sample_ids
+    assert torch.equal(got.record.ids, expected.record.ids), what
+    assert torch.equal(got.record.on_policy, expected.record.on_policy), what
+    for name in ("old_logprobs", "student_entropy"):
+        torch.testing.assert_close(getattr(got.record, name), getattr(expected.record, name),
+                                   rtol=0, atol=LP_TOL, msg=f"{what} {name}")
+
+
 def _training_log_probs(model, batch):
-    """Log-probs of every token from a training-mode forward (TP only: no pipeline here)."""
+    """Log-prob of every response token from a training-mode forward of its row alone (TP only:
+    no pipeline here)."""
     from megatron_tropd.ops import vocab_parallel as vp
 
     model.train()
+    out = []
     with torch.no_grad():
-        logits = model(batch.tokens, None, batch.attention_mask())
-    lp = torch.zeros(batch.tokens.shape, device=logits.device)
-    lp[:, 1:] = vp.token_log_probs(logits[:, :-1], batch.tokens[:, 1:], VOCAB)
-    return lp
+        for sequence, prompt in zip(batch.sequences, batch.prompt_lengths):
+            logits = model(sequence[None], None, None)[0]
+            out.append(vp.token_log_probs(logits[prompt - 1:-1], sequence[prompt:], VOCAB))
+    model.eval()
+    return torch.cat(out)
 
 
 def _assert_lp_matches_training(model, batch):
-    expected = _training_log_probs(model, batch) * batch.student_mask
-    torch.testing.assert_close(batch.lp_S_old, expected, rtol=0, atol=LP_TOL)
+    expected = _training_log_probs(model, batch) * batch.record.on_policy
+    torch.testing.assert_close(batch.record.old_logprobs, expected, rtol=0, atol=LP_TOL)
 
 
 def _guided_prefixes(greedy_batch):
@@ -76,20 +101,101 @@ def _guided_prefixes(greedy_batch):
     return [r[:n] for r, n in zip(greedy_batch.responses(), (2, 0, 5, 1))]
 
 
+def _left_padded_generate(model, params, prefixes=None):
+    """Today's (before this layout) engine, as a reference: contexts left-padded to end at one
+    column, megatron's forward of the whole batch at every step under an explicit causal + padding
+    mask, draws keyed by (seed, sample id, response position). Returns each row's response."""
+    from megatron_tropd.ops import vocab_parallel as vp
+
+    prefixes = prefixes or [[]] * len(PROMPTS)
+    contexts, sample_ids, prefix_lengths, responses = [], [], [], []
+    for i, (prompt, prefix) in enumerate(zip(PROMPTS, prefixes)):
+        for j in range(params.n_samples):
+            contexts.append(prompt + list(prefix))
+            sample_ids.append(i * params.n_samples + j)
+            prefix_lengths.append(len(prefix))
+            responses.append(list(prefix))
+    width = max(len(c) for c in contexts)
+    tokens = torch.zeros((len(contexts), width + params.max_new_tokens), dtype=torch.long)
+    padding = torch.zeros(tokens.shape, dtype=torch.bool)
+    for row, context in enumerate(contexts):
+        tokens[row, width - len(context):width] = torch.tensor(context)
+        padding[row, :width - len(context)] = True
+    done = torch.zeros(len(contexts), dtype=torch.bool)
+    model.eval()
+    for step in range(params.max_new_tokens):
+        end = width + step
+        keys = torch.arange(end)
+        hidden = (keys[None, :] > keys[:, None])[None, None] | padding[:, None, None, :end]
+        hidden &= keys[None, :] != keys[:, None]  # a padding query attends to itself
+        with torch.no_grad():
+            logits = model(tokens[:, :end], None, hidden)[:, -1]
+        uniforms = vp.uniform_from_keys(vp.sampling_keys(
+            params.seed, torch.tensor(sample_ids), torch.tensor(prefix_lengths) + step))
+        ids = vp.sample(logits, VOCAB, uniforms, params.temperature, params.top_k, params.top_p)
+        tokens[:, end] = ids
+        for row in range(len(contexts)):
+            if not done[row]:
+                responses[row].append(int(ids[row]))
+        done |= torch.isin(ids, torch.tensor(params.stop_ids, dtype=torch.long))
+        if done.all():
+            break
+    return responses
+
+
 # --- the TP=1 PP=1 reference spawn ----------------------------------------------------------------
 
 
-def check_kv_cache_equals_recompute(ctx):
-    cached, recomputed = ctx["greedy"], _generate(ctx["student"], _greedy(), use_kv_cache=False)
-    assert torch.equal(cached.tokens, recomputed.tokens)
-    assert torch.equal(cached.student_mask, recomputed.student_mask)
-    torch.testing.assert_close(cached.lp_S_old, recomputed.lp_S_old, rtol=0, atol=LP_TOL)
-    # left padding: every prompt ends at the same column, the responses start there
-    assert cached.context_width == max(len(p) for p in PROMPTS)
-    for row, prompt in enumerate(PROMPTS):
-        assert cached.tokens[row, cached.context_width - len(prompt):cached.context_width].tolist() \
-            == prompt
-    assert cached.student_mask.sum(1).tolist() == [NEW_TOKENS] * len(PROMPTS)
+def check_engine_equals_recompute(ctx):
+    """Every engine setting gives the ids of full recompute, lp_S_old and entropy within LP_TOL:
+    greedy, sampled with stop ids, truncated sampling, guided rows."""
+    student = ctx["student"]
+    cases = [(_greedy(), None)] + [(p, None) for p in _sampled()] + \
+        [(_sampled()[0], _guided_prefixes(ctx["greedy"]))]
+    for params, prefixes in cases:
+        reference = _generate(student, params, prefixes=prefixes, use_kv_cache=False,
+                              record_entropy=True)
+        for slots, budget in ENGINES:
+            got = _generate(student, params, prefixes=prefixes, record_entropy=True,
+                            rollout_batch_size=slots, max_prefill_tokens=budget)
+            _assert_same_rollout(got, reference, f"{params} slots={slots} budget={budget}")
+    # the rows of the sampled case really differ in length and the layout starts at column 0
+    lengths = ctx["sampled"][0].student_lengths
+    assert min(lengths) < max(lengths) == 8
+    for sequence, prompt in zip(ctx["greedy"].sequences, PROMPTS):
+        assert sequence[:len(prompt)].tolist() == prompt and len(sequence) == len(prompt) + 10
+
+
+def check_engine_equals_left_padded_layout(ctx):
+    """The same responses as today's left-padded engine (positions shift, so only rounding may
+    differ): greedy, sampled with stop ids, guided."""
+    student = ctx["student"]
+    prefixes = _guided_prefixes(ctx["greedy"])
+    for params, prefix in ((_greedy(), None), (_sampled()[0], None), (_sampled()[0], prefixes)):
+        got = _generate(student, params, prefixes=prefix, rollout_batch_size=2).responses()
+        assert got == _left_padded_generate(student, params, prefix), params
+
+
+def check_shared_prefill(ctx):
+    """The samples of a prompt share one prefill, also when they are admitted at different steps
+    (one slot): the tokens prefilled are each distinct context once, minus its last token."""
+    from megatron_tropd.rollout.stage import GenerationStage
+
+    prefilled = []
+    original = GenerationStage.prefill
+
+    def counting(self, kv_cache, tokens, contexts_of_slots, slots):
+        prefilled.append(tokens.shape[0])
+        return original(self, kv_cache, tokens, contexts_of_slots, slots)
+
+    GenerationStage.prefill = counting
+    try:
+        for slots in (None, 1, 2):
+            prefilled.clear()
+            _generate(ctx["student"], _sampled()[0], rollout_batch_size=slots)
+            assert sum(prefilled) == sum(len(p) > 1 for p in PROMPTS), (slots, prefilled)
+    finally:
+        GenerationStage.prefill = original
 
 
 def check_lp_old_equals_training_forward(ctx):
@@ -99,51 +205,46 @@ def check_lp_old_equals_training_forward(ctx):
 
 def check_stop_ids_end_rows(ctx):
     """With a stop id, each row is the stop-free greedy row cut just after the stop id's first
-    occurrence; nothing after it is a student token or anything but padding."""
+    occurrence."""
     greedy = ctx["greedy"]
     stop = greedy.responses()[0][3]
-    stopped = _generate(ctx["student"], dataclasses.replace(_greedy(), stop_ids=(stop,)), pad_id=0)
-    width = greedy.context_width
+    stopped = _generate(ctx["student"], dataclasses.replace(_greedy(), stop_ids=(stop,)))
     cut_rows = 0
-    for row in range(len(PROMPTS)):
-        full = greedy.tokens[row, width:].tolist()
-        n = full.index(stop) + 1 if stop in full else len(full)
-        cut_rows += n < len(full)
-        got = stopped.tokens[row, width:]
-        assert got[:n].tolist() == full[:n]
-        assert (got[n:] == 0).all()
-        assert stopped.student_mask[row, width:width + n].all()
-        assert not stopped.student_mask[row, width + n:].any()
-        assert (stopped.lp_S_old[row, width + n:] == 0).all()
-        assert stopped.padding[row, width + n:].all()
+    for row, response in enumerate(greedy.responses()):
+        n = response.index(stop) + 1 if stop in response else len(response)
+        cut_rows += n < len(response)
+        assert stopped.responses()[row] == response[:n]
+        assert stopped.student_lengths[row] == n
     assert cut_rows >= 1
-    assert stopped.tokens.shape[1] < greedy.tokens.shape[1] or cut_rows < len(PROMPTS)
 
 
 def check_teacher_prefix_continuation(ctx):
     """Greedy continuation of the model's own greedy prefix is the rest of its greedy response;
-    prefix tokens are recorded as such, never as student tokens."""
+    prefix tokens are recorded as such (not on-policy, lp_S_old 0), never as student tokens."""
     greedy, guided = ctx["greedy"], ctx["guided"]
     prefixes = _guided_prefixes(greedy)
+    record_rows = guided.record_rows()
     for row, prefix in enumerate(prefixes):
         assert guided.responses()[row][:NEW_TOKENS] == greedy.responses()[row]
-        prefix_cols = guided.prefix_mask[row].nonzero().flatten().tolist()
-        assert [guided.tokens[row, c].item() for c in prefix_cols] == prefix
-        assert prefix_cols == list(range(guided.context_width - len(prefix), guided.context_width))
-        assert not (guided.prefix_mask[row] & guided.student_mask[row]).any()
-        assert guided.student_mask[row].sum() == NEW_TOKENS
-    assert guided.prefix_lengths.tolist() == [len(p) for p in prefixes]
-    assert (guided.lp_S_old[guided.prefix_mask] == 0).all()
+        mine = record_rows == row
+        assert guided.record.ids[mine].tolist() == guided.responses()[row]
+        assert guided.record.on_policy[mine].tolist() == [False] * len(prefix) + [True] * 10
+        assert guided.student_lengths[row] == NEW_TOKENS
+    assert guided.prefix_lengths == [len(p) for p in prefixes]
+    assert (guided.record.old_logprobs[guided.record.prefix] == 0).all()
+    assert (guided.record_positions()[record_rows == 2] == torch.arange(15)).all()
 
 
 def check_prefix_ending_in_stop_samples_nothing(ctx):
     from megatron_tropd.rollout.generate import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=4, stop_ids=(7,))
-    batch = _generate(ctx["student"], params, prefixes=[[1, 7], [], [2], [3, 7]])
-    assert batch.student_mask.sum(1)[[0, 3]].tolist() == [0, 0]
-    assert batch.student_mask.sum(1)[[1, 2]].min() >= 1
-    assert batch.responses()[0] == [1, 7]
+    for slots in (None, 1):
+        batch = _generate(ctx["student"], params, prefixes=[[1, 7], [], [2], [3, 7]],
+                          rollout_batch_size=slots)
+        assert [batch.student_lengths[r] for r in (0, 3)] == [0, 0]
+        assert min(batch.student_lengths[r] for r in (1, 2)) >= 1
+        assert batch.responses()[0] == [1, 7]
 
 
 def check_generation_errors(ctx):
@@ -156,6 +257,8 @@ def check_generation_errors(ctx):
         generate(model, [[1, 250]], SamplingParams(max_new_tokens=5), VOCAB)
     with pytest.raises(GenerationError, match="prompt 1 is empty"):
         generate(model, [[1], []], SamplingParams(max_new_tokens=5), VOCAB)
+    with pytest.raises(GenerationError, match="rollout_batch_size must be >= 1, got 0"):
+        generate(model, [[1]], SamplingParams(max_new_tokens=5), VOCAB, rollout_batch_size=0)
     with pytest.raises(GenerationError, match="top_p"):
         SamplingParams(top_p=0.0)
 
@@ -210,82 +313,72 @@ def check_samples_independent_of_data_parallel_split(ctx):
     from megatron_tropd.rollout.generate import generate
 
     params = _sampled()[0]
-    whole = ctx["sampled"][0]
+    whole = ctx["sampled"][0].responses()
     n = params.n_samples
     for first, last in ((0, 2), (2, 4)):
-        part = generate(ctx["student"], PROMPTS[first:last], params, VOCAB, sample_offset=first * n)
-        for row in range(part.tokens.shape[0]):
-            assert whole.responses()[first * n + row] == part.responses()[row]
+        part = generate(ctx["student"], PROMPTS[first:last], params, VOCAB,
+                        sample_offset=first * n, rollout_batch_size=2)
+        assert part.responses() == whole[first * n:last * n]
 
 
-def check_other_families_cache_equals_recompute(ctx):
+def check_other_families_engine_equals_recompute(ctx):
     """Qwen2 (QKV bias) and Qwen3 (q/k norms, tied embeddings): the cached forward composes the
     layers itself, so it must match megatron's forward for them too."""
     from megatron_tropd.models.builder import build_model
 
     for family, tied in (("qwen2", False), ("qwen3", True)):
         model = build_model(dataclasses.replace(ARCH, family=family, tie_word_embeddings=tied))
-        cached = _generate(model, _greedy())
-        assert torch.equal(cached.tokens, _generate(model, _greedy(), use_kv_cache=False).tokens)
-        sampled = _generate(model, _sampled()[0])
-        torch.testing.assert_close(
-            sampled.lp_S_old, _generate(model, _sampled()[0], use_kv_cache=False).lp_S_old,
-            rtol=0, atol=LP_TOL)
+        for params in (_greedy(), _sampled()[0]):
+            _assert_same_rollout(_generate(model, params, rollout_batch_size=2),
+                                 _generate(model, params, use_kv_cache=False), family)
 
 
 REFERENCE_CHECKS = [
-    check_kv_cache_equals_recompute, check_lp_old_equals_training_forward,
-    check_stop_ids_end_rows, check_teacher_prefix_continuation,
-    check_prefix_ending_in_stop_samples_nothing, check_generation_errors,
-    check_teacher_signals_at_tp1, check_offline_teacher_responses_tool,
-    check_samples_independent_of_data_parallel_split, check_other_families_cache_equals_recompute,
+    check_engine_equals_recompute, check_engine_equals_left_padded_layout, check_shared_prefill,
+    check_lp_old_equals_training_forward, check_stop_ids_end_rows,
+    check_teacher_prefix_continuation, check_prefix_ending_in_stop_samples_nothing,
+    check_generation_errors, check_teacher_signals_at_tp1, check_offline_teacher_responses_tool,
+    check_samples_independent_of_data_parallel_split, check_other_families_engine_equals_recompute,
 ]
 
 
 def _full_vocab_signals(teacher, batch):
-    """The teacher's signals from its full logits (TP=1, PP=1) with plain torch: the reference."""
+    """The teacher's signals of every response token from each row's full logits (TP=1, PP=1)
+    with plain torch in float64: the reference."""
     teacher.eval()
+    out = {name: [] for name in ("teacher_logprobs", "teacher_topk_logprobs", "teacher_topk_ids",
+                                 "teacher_entropy")}
     with torch.no_grad():
-        logits = teacher(batch.tokens, None, batch.attention_mask())[..., :VOCAB].double()
-    log_probs = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
-    log_probs[:, 1:] = torch.log_softmax(logits[:, :-1], dim=-1)
-    mask = batch.response_mask
-    topk_lp, topk_ids = log_probs.topk(TOP_K, dim=-1)
-    return dict(
-        mask=mask,
-        token_log_probs=log_probs.gather(-1, batch.tokens[..., None])[..., 0] * mask,
-        topk_log_probs=topk_lp * mask[..., None],
-        topk_ids=topk_ids * mask[..., None],
-        entropy=-(log_probs.exp() * log_probs).sum(-1) * mask,
-        log_probs=log_probs * mask[..., None],
-    )
+        for sequence, prompt in zip(batch.sequences, batch.prompt_lengths):
+            logits = teacher(sequence[None], None, None)[0, prompt - 1:-1, :VOCAB].double()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            topk_lp, topk_ids = log_probs.topk(TOP_K, dim=-1)
+            out["teacher_logprobs"].append(log_probs.gather(-1, sequence[prompt:, None])[:, 0])
+            out["teacher_topk_logprobs"].append(topk_lp)
+            out["teacher_topk_ids"].append(topk_ids)
+            out["teacher_entropy"].append(-(log_probs.exp() * log_probs).sum(-1))
+    return {name: torch.cat(values) for name, values in out.items()}
 
 
 def _assert_signals_match(teacher, batch, reference):
-    """`distill.teacher.score` at this layout equals the full-vocabulary reference (last stage)."""
+    """`distill.teacher.score` at this layout, over micro-batches of at most 2 rows and 14
+    tokens, fills the record with the full-vocabulary reference (last stage)."""
     from megatron.core import parallel_state as ps
 
     from megatron_tropd.distill.teacher import score
-    from megatron_tropd.models.builder import padded_vocab_size
+    from megatron_tropd.tokens import plan_micro_batches
 
-    signals = score(teacher, batch, VOCAB, top_k=TOP_K, full_log_probs=True, micro_batch_size=2)
+    batch = dataclasses.replace(batch, record=dataclasses.replace(batch.record))
+    plan = plan_micro_batches(batch.lengths, 2, 14)
+    assert len(plan) > len(batch.sequences) / 2  # the budget splits some pairs
+    score(teacher, batch, [batch.micro_batch(rows, 0) for rows in plan], VOCAB, TOP_K)
     if not ps.is_pipeline_last_stage():
-        assert signals is None
+        assert batch.record.teacher_logprobs is None
         return
-    assert torch.equal(signals.mask, reference["mask"])
-    assert torch.equal(signals.topk_ids, reference["topk_ids"])
-    for name in ("token_log_probs", "topk_log_probs", "entropy"):
-        torch.testing.assert_close(getattr(signals, name).double(), reference[name],
+    assert torch.equal(batch.record.teacher_topk_ids.long(), reference["teacher_topk_ids"])
+    for name in ("teacher_logprobs", "teacher_topk_logprobs", "teacher_entropy"):
+        torch.testing.assert_close(getattr(batch.record, name).double(), reference[name],
                                    rtol=0, atol=LP_TOL, msg=name)
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    local = padded_vocab_size(VOCAB, tp) // tp
-    expected = torch.zeros(batch.tokens.shape + (local,), dtype=torch.float64,
-                           device=signals.log_probs.device)
-    valid = max(0, min(local, VOCAB - rank * local))
-    expected[..., :valid] = reference["log_probs"][..., rank * local:rank * local + valid]
-    shard = signals.log_probs.double()
-    torch.testing.assert_close(shard[..., :valid], expected[..., :valid], rtol=0, atol=LP_TOL)
-    assert torch.isneginf(shard[..., valid:][reference["mask"]]).all()
 
 
 def _reference_run(tmp):
@@ -295,7 +388,7 @@ def _reference_run(tmp):
     student = build_model(ARCH, "student")
     teacher = build_model(ARCH, "teacher")  # initialised after the student: other weights
     greedy = _generate(student, _greedy())
-    sampled = [_generate(student, p) for p in _sampled()]
+    sampled = [_generate(student, p, record_entropy=True) for p in _sampled()]
     guided = _generate(student, _greedy(), prefixes=_guided_prefixes(greedy))
     # the batch the teacher scores: prompts + teacher prefixes + the student's sampled tokens
     scored = _generate(student, _sampled()[1], prefixes=_guided_prefixes(greedy))
@@ -315,17 +408,17 @@ def _reference_run(tmp):
 def check_greedy_matches_reference(ctx):
     ref = ctx["ref"]["greedy"]
     for use_kv_cache in (True, False):
-        batch = _generate(ctx["student"], _greedy(), use_kv_cache=use_kv_cache)
-        assert torch.equal(batch.tokens, ref.tokens), f"use_kv_cache={use_kv_cache}"
-        assert torch.equal(batch.student_mask, ref.student_mask)
-        torch.testing.assert_close(batch.lp_S_old, ref.lp_S_old, rtol=0, atol=LP_TOL)
+        batch = _generate(ctx["student"], _greedy(), use_kv_cache=use_kv_cache,
+                          rollout_batch_size=3)
+        _assert_same_rollout(batch, ref, f"use_kv_cache={use_kv_cache}")
 
 
 def check_sampled_matches_reference(ctx):
     for params, ref in zip(_sampled(), ctx["ref"]["sampled"]):
-        batch = _generate(ctx["student"], params)
-        assert torch.equal(batch.tokens, ref.tokens), params
-        torch.testing.assert_close(batch.lp_S_old, ref.lp_S_old, rtol=0, atol=LP_TOL)
+        for slots, budget in ENGINES[1:3]:
+            batch = _generate(ctx["student"], params, record_entropy=True,
+                              rollout_batch_size=slots, max_prefill_tokens=budget)
+            _assert_same_rollout(batch, ref, f"{params} slots={slots}")
 
 
 def check_lp_old_equals_training_forward_tp(ctx):
@@ -341,7 +434,7 @@ def check_teacher_signals_match_full_vocab(ctx):
 
 LAYOUT_CHECKS = [check_greedy_matches_reference, check_sampled_matches_reference,
                  check_lp_old_equals_training_forward_tp, check_teacher_signals_match_full_vocab,
-                 check_other_families_cache_equals_recompute, check_offline_teacher_responses_tool]
+                 check_other_families_engine_equals_recompute, check_offline_teacher_responses_tool]
 LAYOUTS = {"tp2": (2, 2, 1), "pp2": (2, 1, 2), "tp2pp2": (4, 2, 2), "tp4": (4, 4, 1),
            "dp2": (2, 1, 1)}  # world size, TP, PP
 
@@ -388,7 +481,7 @@ def test_parallel_layout(layouts, layout, check):
 def test_sampled_rows_differ(reference):
     """The sampled references are real samples: the n samples of a prompt differ."""
     batch = reference[1]["sampled"][0]
-    assert not torch.equal(batch.tokens[0], batch.tokens[1])
+    assert batch.responses()[0] != batch.responses()[1]
 
 
 def test_prefix_schedule():
@@ -422,3 +515,16 @@ def test_decode_linear(shape, dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.shape == shape[:-1] + (200,) and out.dtype == dtype
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * 10)
+
+
+def test_micro_batch_plan():
+    """Longest rows first; a micro-batch stops at the row cap or the token budget (rows x its
+    longest row); a row over the budget goes alone; every row once."""
+    from megatron_tropd.tokens import plan_micro_batches
+
+    lengths = [5, 9, 3, 9, 20, 4, 4]
+    assert plan_micro_batches(lengths, 3) == [[4, 1, 3], [0, 5, 6], [2]]
+    assert plan_micro_batches(lengths, 100, 18) == [[4], [1, 3], [0, 5, 6], [2]]
+    assert plan_micro_batches(lengths, 2, 100) == [[4, 1], [3, 0], [5, 6], [2]]
+    assert plan_micro_batches(lengths, 1) == [[4], [1], [3], [0], [5], [6], [2]]
+    assert plan_micro_batches(lengths, 100, 19) == [[4], [1, 3], [0, 5, 6], [2]]

@@ -2,6 +2,7 @@
 layouts; loss and gradients invariant to micro-batches and DP; learning lowers the reverse KL;
 resume is bit-exact and works at another layout. Spawns are grouped by layout."""
 
+import dataclasses
 import math
 import os
 import shutil
@@ -25,6 +26,13 @@ METHOD_RUNS = {
     "jsd": ("jsd",),
     "fkl": ("fkl",),
 }
+
+
+# the exactness runs: every method, each of tropd's variants, guided rows, REOPOLD's and
+# Entropy-OPD's selections, and micro-batches by a token budget (rows of several lengths)
+EXACT_RUNS = {name: spec for name, spec in METHOD_RUNS.items()}
+EXACT_RUNS["tropd_token_budget"] = ("tropd", "--max-tokens-per-micro-batch", "40",
+                                    "--rollout-batch-size", "3")
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +107,146 @@ def _layout_losses(root):
     return _losses(_train(root, iters=3))
 
 
+# --- exactness: one iteration of every method against a float64 full-vocabulary reference -------
+
+
+def _exact_iteration(root, method, flags):
+    """One iteration (no gradient clipping: the stored gradients are the loss's): the rollout
+    batch, every per-token loss in record order (last stage), the logged loss and this stage's
+    gradients."""
+    from megatron_tropd import training
+
+    captured = {"per_token": []}
+    originals = training.rollouts, training.micro_batches_of, training.per_token_loss
+
+    def rollouts(*args):
+        captured["batch"], metrics = originals[0](*args)
+        return captured["batch"], metrics
+
+    def micro_batches_of(*args):
+        captured["micro_batches"] = originals[1](*args)
+        return captured["micro_batches"]
+
+    def per_token_loss(*args):
+        per_token, metrics = originals[2](*args)
+        captured["per_token"].append(per_token.detach().double())
+        return per_token, metrics
+
+    training.rollouts, training.micro_batches_of, training.per_token_loss = (
+        rollouts, micro_batches_of, per_token_loss)
+    try:
+        run = _train(root, *flags, "--clip-grad", "0", iters=1, method=method)
+    finally:
+        training.rollouts, training.micro_batches_of, training.per_token_loss = originals
+    batch, per_token = captured["batch"], None
+    if captured["per_token"]:
+        order = torch.cat([mb.index for mb in captured["micro_batches"]])
+        per_token = torch.zeros(len(batch.record), dtype=torch.float64)
+        per_token[order] = torch.cat(captured["per_token"])
+    return dict(batch=batch, per_token=per_token, loss=(_losses(run) or [None])[0], grads=_grads(run),
+                micro_batches=len(captured["micro_batches"]))
+
+
+def _exact_runs(root):
+    return {name: _exact_iteration(root, spec[0], spec[1:]) for name, spec in EXACT_RUNS.items()}
+
+
+def _reference_iteration(root, method, flags, batch):
+    """The same iteration written directly: each row's student and teacher logits from its own
+    forward at TP=1, float64 log-softmax over the full vocabulary, every loss input by plain
+    torch; the loss is `losses.compute_loss` (checked against the papers' formulas in
+    test_losses.py) averaged over the batch's tokens, its gradient by autograd."""
+    from megatron_tropd import arguments, checkpointing, training
+    from megatron_tropd.distill import losses
+    from megatron_tropd.models.builder import build_model
+    from megatron_tropd.models.sharding import global_state_dict
+    from megatron_tropd.ops import vocab_parallel as vp
+    from megatron_tropd.tokens import TokenRecord
+
+    args = _args(root, *flags, iters=1, method=method)
+    config = arguments.distill_config(args)
+    needs = losses.needs(config)
+    vocab = toy_setup.STUDENT.vocab_size
+    student = build_model(toy_setup.STUDENT, "student")
+    checkpointing.load_weights(os.path.join(root, "student"), student)
+    teacher = build_model(toy_setup.TEACHER, "teacher")
+    checkpointing.load_weights(os.path.join(root, "teacher"), teacher)
+
+    def scored_log_probs(model, grad):
+        rows = []
+        with torch.set_grad_enabled(grad):
+            for sequence, prompt in zip(batch.sequences, batch.prompt_lengths):
+                rows.append(model(sequence[None], None, None)[0, prompt - 1:-1, :vocab])
+        return torch.log_softmax(torch.cat(rows).double(), dim=-1)  # [N, V]
+
+    r = batch.record
+    lp_s, lp_t = scored_log_probs(student, True), scored_log_probs(teacher, False)
+    ids = r.ids[:, None]
+    x = TokenRecord(ids=r.ids, on_policy=r.on_policy, old_logprobs=r.old_logprobs.double(),
+                    student_entropy=r.student_entropy.double(),
+                    teacher_logprobs=lp_t.gather(1, ids)[:, 0],
+                    teacher_entropy=-(lp_t.exp() * lp_t).sum(-1),
+                    student_logprobs=lp_s.gather(1, ids)[:, 0])
+    if needs.topk:
+        x.teacher_topk_logprobs, topk_ids = lp_t.topk(args.teacher_topk, dim=-1)
+        x.student_topk_logprobs = lp_s.gather(1, topk_ids)
+    p, q = lp_s.exp(), lp_t.exp()
+    if needs.jsd:
+        beta = config.jsd_beta
+        lm = torch.log(beta * q + (1 - beta) * p)
+        x.jsd = beta * (q * (lp_t - lm)).sum(-1) + (1 - beta) * (p * (lp_s - lm)).sum(-1)
+    if needs.reverse_kl:
+        x.reverse_kl = (p * (lp_s - lp_t)).sum(-1).detach()
+    if needs.uniform:
+        x.uniform = vp.uniform_from_keys(vp.sampling_keys(
+            args.seed + training._TRUST_SEED_OFFSET, batch.record_sample_ids(),
+            batch.record_positions()))
+    if needs.selection:
+        if method == "reopold":  # stage 1 at step 0 (stage 2 starts later in these runs)
+            scores = (x.teacher_logprobs - x.old_logprobs).clamp(min=config.clip_floor).abs()
+            fraction = config.reopold_fraction
+        else:
+            scores, fraction = x.student_entropy, config.entropy_opd_fraction
+        kept = scores[x.on_policy].sort(descending=True).values
+        threshold = kept[math.ceil(fraction * len(kept)) - 1]
+        x.selected = x.on_policy & (scores >= threshold)
+    per_token = losses.compute_loss(x, config).per_token
+    loss = per_token.sum() / len(per_token)
+    loss.backward()
+    return dict(per_token=per_token.detach(), loss=loss.item(),
+                grads=global_state_dict(student, vocab, grads=True))
+
+
+def _references(root, exact):
+    return {name: _reference_iteration(root, spec[0], spec[1:], exact[name]["batch"])
+            for name, spec in EXACT_RUNS.items()}
+
+
 def _micro_batch_runs(root):
-    """DP=1: one iteration with 1 and with 4 micro-batches (same global batch)."""
+    """DP=1: one iteration of the same global batch of 8 rows in micro-batches of 8 and 2 rows,
+    and by token budgets of one row (24 = --max-prompt-length + --max-new-tokens) and of the
+    whole batch; with the number of micro-batches each made."""
+    from megatron_tropd import training
+
     out = {}
-    for mbs in ("8", "2"):
-        run = _train(root, "--micro-batch-size", mbs, iters=1)
-        out[mbs] = (_losses(run), _grads(run))
+    for name, flags in (("8", ("--micro-batch-size", "8")), ("2", ("--micro-batch-size", "2")),
+                        ("row_budget", ("--max-tokens-per-micro-batch", "24")),
+                        ("batch_budget", ("--micro-batch-size", "8",
+                                          "--max-tokens-per-micro-batch", "1000"))):
+        counts = []
+        original = training.micro_batches_of
+
+        def counting(*args):
+            micro_batches = original(*args)
+            counts.append(len(micro_batches))
+            return micro_batches
+
+        training.micro_batches_of = counting
+        try:
+            run = _train(root, *flags, iters=1)
+        finally:
+            training.micro_batches_of = original
+        out[name] = (_losses(run), _grads(run), counts[0])
     return out
 
 
@@ -136,17 +278,21 @@ def _heldout_reverse_kl(run, root):
                            load_tokenizer(os.path.join(root, "tok.model")), "plain")
     batch = generate(run.model, [p.prompt_ids for p in prompts],
                      SamplingParams(max_new_tokens=8, n_samples=4, seed=123, stop_ids=run.stop_ids),
-                     run.vocab_size, pad_id=run.pad_id)
-    mask = batch.student_mask[:, 1:]
+                     run.vocab_size)
+    kls = []
     with torch.no_grad():
-        student = run.model(batch.tokens, None, batch.attention_mask())[:, :-1][mask]
-        teacher = run.teacher(batch.tokens, None, batch.attention_mask())[:, :-1][mask]
-    return vp.kl_divergence(student, teacher, run.vocab_size).mean().item()
+        for sequence, prompt in zip(batch.sequences, batch.prompt_lengths):
+            student = run.model(sequence[None], None, None)[0, prompt - 1:-1]
+            teacher = run.teacher(sequence[None], None, None)[0, prompt - 1:-1]
+            kls.append(vp.kl_divergence(student, teacher, run.vocab_size))
+    return torch.cat(kls).mean().item()
 
 
 def _tp1_worker(root):
+    exact = _exact_runs(root)
     return dict(layout=_layout_losses(root), micro=_micro_batch_runs(root),
-                learning={m: _learning(root, m) for m in ("opd", "tropd")})
+                learning={m: _learning(root, m) for m in ("opd", "tropd")},
+                exact=exact, references=_references(root, exact))
 
 
 def _tp2_worker(root, resume_dir):
@@ -156,7 +302,7 @@ def _tp2_worker(root, resume_dir):
     full = _train(root, *schedule, "--save", full_dir, "--save-interval", "3", iters=6)
     first = _train(root, *schedule, "--save", split_dir, "--exit-interval", "3", iters=6)
     second = _train(root, *schedule, "--save", split_dir, iters=6)
-    return dict(methods=_every_method(root), layout=_layout_losses(root),
+    return dict(methods=_every_method(root), layout=_layout_losses(root), exact=_exact_runs(root),
                 resume=dict(full=(_losses(full), _weights(full)),
                             split=(_losses(first) + _losses(second), _weights(second),
                                    second.iteration)))
@@ -166,11 +312,12 @@ def _pp2_worker(root, resume_dir):
     """Layout losses at PP=2, and resuming the TP=2 checkpoint at PP=2."""
     resharded = _train(root, "--load", os.path.join(resume_dir, "split"),
                        "--save", os.path.join(resume_dir, "pp2"), iters=7)
-    return dict(layout=_layout_losses(root), resharded=_losses(resharded))
+    return dict(layout=_layout_losses(root), resharded=_losses(resharded),
+                exact=_exact_runs(root))
 
 
 def _tp2pp2_worker(root):
-    return _layout_losses(root)
+    return dict(layout=_layout_losses(root), exact=_exact_runs(root))
 
 
 # --- the tests ------------------------------------------------------------------------------------
@@ -193,7 +340,7 @@ def tp2(toy, resume_dir):
 
 @pytest.fixture(scope="module")
 def pp2(toy, resume_dir, tp2):
-    return run_distributed(_pp2_worker, world_size=2, pp=2, args=(toy, resume_dir))[-1]
+    return run_distributed(_pp2_worker, world_size=2, pp=2, args=(toy, resume_dir))
 
 
 @pytest.mark.parametrize("name", list(METHOD_RUNS) + ["sft"])
@@ -213,12 +360,48 @@ def test_tp2_losses_equal_tp1(tp1, tp2):
 
 
 def test_pp2_losses_equal_tp1(tp1, pp2):
-    _assert_losses_close(pp2["layout"], tp1["layout"])
+    _assert_losses_close(pp2[-1]["layout"], tp1["layout"])
 
 
-def test_tp2pp2_losses_equal_tp1(toy, tp1):
-    _assert_losses_close(run_distributed(_tp2pp2_worker, world_size=4, tp=2, pp=2, args=(toy,))[-1],
-                         tp1["layout"])
+@pytest.fixture(scope="module")
+def tp2pp2(toy):
+    return run_distributed(_tp2pp2_worker, world_size=4, tp=2, pp=2, args=(toy,))
+
+
+def test_tp2pp2_losses_equal_tp1(tp1, tp2pp2):
+    _assert_losses_close(tp2pp2[-1]["layout"], tp1["layout"])
+
+
+def _exact_layouts(tp1, tp2, pp2, tp2pp2):
+    return {"tp1": [tp1], "tp2": tp2, "pp2": pp2, "tp2pp2": tp2pp2}
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2", "tp2pp2"])
+@pytest.mark.parametrize("name", list(EXACT_RUNS))
+def test_per_token_losses_and_gradients_equal_reference(tp1, tp2, pp2, tp2pp2, layout, name):
+    """The trainer's per-token losses, loss and gradients (every pipeline stage's, gathered over
+    TP) equal the float64 full-vocabulary reference on the same rollout, within 1e-5 of their
+    largest magnitude."""
+    ranks = [r["exact"][name] for r in _exact_layouts(tp1, tp2, pp2, tp2pp2)[layout]]
+    reference = tp1["references"][name]
+    ours = ranks[-1]
+    expected_rows = [s.tolist() for s in tp1["exact"][name]["batch"].sequences]
+    assert [s.tolist() for s in ours["batch"].sequences] == expected_rows  # the same rollout
+    _assert_close(ours["per_token"], reference["per_token"], "per-token loss")
+    assert abs(ours["loss"] - reference["loss"]) <= 1e-5 * max(1.0, abs(reference["loss"]))
+    grads = {}
+    for r in ranks:
+        grads.update(r["grads"])
+    assert set(grads) == set(reference["grads"])
+    for param, expected in reference["grads"].items():
+        _assert_close(grads[param], expected, param)
+
+
+def _assert_close(got, expected, name):
+    scale = expected.abs().max().item()
+    assert scale > 0, f"{name}: reference is zero"
+    diff = (got.double() - expected.double()).abs().max().item()
+    assert diff <= 1e-5 * scale, f"{name}: max |diff| {diff:.3g} > 1e-5 x {scale:.3g}"
 
 
 def _assert_grads_close(got, expected):
@@ -229,16 +412,19 @@ def _assert_grads_close(got, expected):
         assert (got[name] - g).abs().max().item() <= 1e-5 * scale, name
 
 
-def test_micro_batches_do_not_change_loss_or_gradients(tp1):
-    (loss8, grads8), (loss2, grads2) = tp1["micro"]["8"], tp1["micro"]["2"]
-    assert abs(loss8[0] - loss2[0]) <= 1e-6 * max(1.0, abs(loss8[0]))
-    _assert_grads_close(grads2, grads8)
+@pytest.mark.parametrize("split,count", [("2", 4), ("row_budget", 8), ("batch_budget", 1)])
+def test_micro_batches_do_not_change_loss_or_gradients(tp1, split, count):
+    loss8, grads8, _ = tp1["micro"]["8"]
+    loss, grads, micro_batches = tp1["micro"][split]
+    assert micro_batches == count
+    assert abs(loss8[0] - loss[0]) <= 1e-6 * max(1.0, abs(loss8[0]))
+    _assert_grads_close(grads, grads8)
 
 
 def test_data_parallel_does_not_change_loss_or_gradients(toy, tp1):
     ranks = run_distributed(_dp2_run, world_size=2, args=(toy,))
     loss, grads = ranks[-1]
-    loss8, grads8 = tp1["micro"]["8"]
+    loss8, grads8, _ = tp1["micro"]["8"]
     assert abs(loss[0] - loss8[0]) <= 1e-6 * max(1.0, abs(loss8[0]))
     _assert_grads_close(grads, grads8)
     _assert_grads_close(ranks[0][1], grads8)  # both replicas hold the same reduced gradient
@@ -261,7 +447,7 @@ def test_resume_is_bit_exact_at_tp2(tp2):
 
 
 def test_resume_at_another_layout_continues(pp2):
-    assert len(pp2["resharded"]) == 1 and math.isfinite(pp2["resharded"][0])
+    assert len(pp2[-1]["resharded"]) == 1 and math.isfinite(pp2[-1]["resharded"][0])
 
 
 def _export_and_logits(directory, hf_dir, tokens):

@@ -45,7 +45,7 @@ def parse_args(argv):
     parser.add_argument("--stop-ids", type=int, nargs="*", default=None,
                         help="ids that end a response (default: the tokenizer's EOS, if any)")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences decoded at once (continuous batching)")
     return parser.parse_args(argv)
 
 
@@ -105,16 +105,15 @@ def main(argv=None):
     share = -(-len(prompts) // dp_size)
     first, last = dp_rank * share, min(len(prompts), (dp_rank + 1) * share)
     records = []
-    for start in range(first, last, args.batch_size):
-        batch_prompts = [ids for ids, _ in prompts[start:min(last, start + args.batch_size)]]
-        responses = generate(teacher, batch_prompts, params, arch.vocab_size,
-                             sample_offset=start).responses()
-        for i, response in enumerate(responses):
-            record = {"prompt_ids": batch_prompts[i], "response_ids": response}
-            if tokenizer is not None:
-                record.update(prompt=prompts[start + i][1] or tokenizer.decode(batch_prompts[i]),
-                              response=tokenizer.decode(response))
-            records.append(record)
+    mine = [ids for ids, _ in prompts[first:last]]
+    responses = generate(teacher, mine, params, arch.vocab_size, sample_offset=first,
+                         rollout_batch_size=args.batch_size).responses() if mine else []
+    for i, response in enumerate(responses):
+        record = {"prompt_ids": mine[i], "response_ids": response}
+        if tokenizer is not None:
+            record.update(prompt=prompts[first + i][1] or tokenizer.decode(mine[i]),
+                          response=tokenizer.decode(response))
+        records.append(record)
     shares = [None] * dp_size
     dist.all_gather_object(shares, records, group=ps.get_data_parallel_group())
     if dist.get_rank() == 0:

@@ -1,61 +1,46 @@
-"""Student-side per-token quantities, computed vocabulary-parallel from the student's sharded
-logits, joined with the teacher's signals into the `TokenInputs` a loss reads.
+"""Student-side per-token quantities of one micro-batch, computed vocabulary-parallel from the
+student's sharded logits, added to the micro-batch's token record for the loss to read.
 
 Only what `losses.needs(config)` asks for is computed: the token log-prob always, the student's
 log-probs at the teacher's top-k ids for FKL terms, the full-vocabulary JSD or reverse KL against
-the teacher's log-prob shard for `jsd` and the KL trust region.
+the teacher's logits shard of the same micro-batch for `jsd` and the KL trust region.
 """
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from megatron_tropd.distill.losses import Needs, TokenInputs
+from megatron_tropd.distill.losses import Needs
 from megatron_tropd.ops import vocab_parallel as vp
+from megatron_tropd.tokens import TokenRecord
 
 
-def token_inputs(
+def with_student_inputs(
+    record: TokenRecord,
     student_logits: torch.Tensor,
-    tokens: torch.Tensor,
     vocab_size: int,
     needs: Needs,
-    *,
-    old_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    on_policy: torch.Tensor,
-    prefix: torch.Tensor,
-    uniform: Optional[torch.Tensor] = None,
-    selected: Optional[torch.Tensor] = None,
-    teacher_topk_logprobs: Optional[torch.Tensor] = None,
-    teacher_topk_ids: Optional[torch.Tensor] = None,
-    teacher_entropy: Optional[torch.Tensor] = None,
-    teacher_full_logprobs: Optional[torch.Tensor] = None,
+    teacher_logits: Optional[torch.Tensor] = None,
     jsd_beta: float = 0.5,
     group=None,
-) -> TokenInputs:
-    """Per-token loss inputs for rows of logits aligned with their target tokens.
+) -> TokenRecord:
+    """`record` (a micro-batch's entries) with the student's fields filled in.
 
     Args:
-        student_logits: `[T, V/tp]` shard, row t scoring `tokens[t]` (with grad).
-        tokens: `[T]` global token ids; the per-token tensors are `[T]`, top-k ones `[T, k]`.
-        teacher_full_logprobs: `[T, V/tp]` teacher log-prob shard, needed for jsd / KL region.
+        student_logits: `[N, V/tp]` shard, row n scoring `record.ids[n]` (with grad).
+        teacher_logits: `[N, V/tp]` the teacher's shard at the same tokens (no grad), for jsd and
+            the KL trust region.
     """
-    x = TokenInputs(
-        student_logprobs=vp.token_log_probs(student_logits, tokens, vocab_size, group),
-        old_logprobs=old_logprobs,
-        teacher_logprobs=teacher_logprobs,
-        on_policy=on_policy,
-        prefix=prefix,
-        uniform=uniform,
-        selected=selected,
-        teacher_entropy=teacher_entropy,
-    )
+    fields = dict(student_logprobs=vp.token_log_probs(student_logits, record.ids, vocab_size,
+                                                      group))
     if needs.topk:
-        x.teacher_topk_logprobs = teacher_topk_logprobs
-        x.student_topk_logprobs = vp.log_probs_at(student_logits, teacher_topk_ids, vocab_size, group)
+        fields["student_topk_logprobs"] = vp.log_probs_at(
+            student_logits, record.teacher_topk_ids.long(), vocab_size, group)
     if needs.jsd:
-        x.jsd = vp.jsd(student_logits, teacher_full_logprobs, jsd_beta, vocab_size, group)
+        fields["jsd"] = vp.jsd(student_logits, teacher_logits, jsd_beta, vocab_size, group)
     if needs.reverse_kl:
         with torch.no_grad():
-            x.reverse_kl = vp.kl_divergence(student_logits, teacher_full_logprobs, vocab_size, group)
-    return x
+            fields["reverse_kl"] = vp.kl_divergence(student_logits, teacher_logits, vocab_size,
+                                                    group)
+    return dataclasses.replace(record, **fields)

@@ -1,8 +1,9 @@
 """Per-token losses of TrOPD and its baselines (../shared/docs/METHOD.md sections 1-3).
 
-Every method is a pure function `(TokenInputs, DistillConfig) -> LossOutput` on flattened response
-tokens `[T]`: the student-side quantities in `TokenInputs` were computed vocabulary-parallel from the
-student's sharded logits (gradient flows through them), the teacher's come from the scoring pass.
+Every method is a pure function `(TokenRecord, DistillConfig) -> LossOutput` on a micro-batch's
+response tokens `[N]` (`megatron_tropd.tokens`): the student-side fields of the record were
+computed vocabulary-parallel from the student's sharded logits (gradient flows through them), the
+teacher's come from the scoring pass.
 A method returns a per-token loss (zero where a token is not trained) and metric sums; the trainer
 takes the token-mean over the global batch. `needs(config)` says which optional inputs a method
 reads, so the trainer computes only those.
@@ -18,6 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from megatron_tropd.ops.vocab_parallel import topk_forward_kl_terms
+from megatron_tropd.tokens import TokenRecord
 
 METHODS = ("opd", "tropd", "eopd", "reopold", "jsd", "fkl", "entropy-opd")
 TRUST_REGIONS = ("stochastic", "deterministic", "kl")
@@ -72,30 +74,8 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
-class TokenInputs:
-    """Per-token inputs, flattened over the micro-batch's tokens: `[T]` unless noted.
-
-    Masks: `on_policy` marks the student's own sampled tokens (1[x ~ π_S]), `prefix` the
-    teacher-prefix tokens (1[x ~ π_T]); padding and prompt tokens are in neither.
-    """
-
-    student_logprobs: torch.Tensor      # lp_S, with grad
-    old_logprobs: torch.Tensor          # lp_S_old, from the sampler
-    teacher_logprobs: torch.Tensor      # lp_T
-    on_policy: torch.Tensor             # bool
-    prefix: torch.Tensor                # bool
-    uniform: Optional[torch.Tensor] = None                # U(0,1) draws of the stochastic trust test
-    selected: Optional[torch.Tensor] = None               # bool, REOPOLD / Entropy-OPD selection
-    teacher_topk_logprobs: Optional[torch.Tensor] = None  # [T, k], normalised over the vocabulary
-    student_topk_logprobs: Optional[torch.Tensor] = None  # [T, k] at the teacher's ids, with grad
-    teacher_entropy: Optional[torch.Tensor] = None
-    reverse_kl: Optional[torch.Tensor] = None             # KL(π_S||π_T) per position, no grad
-    jsd: Optional[torch.Tensor] = None                    # JSD(β) per position, with grad
-
-
-@dataclasses.dataclass
 class LossOutput:
-    """`per_token [T]`: the loss of each token (0 where untrained); `metrics`: name -> (sum over
+    """`per_token [N]`: the loss of each token (0 where untrained); `metrics`: name -> (sum over
     tokens, count of tokens), reduced over micro-batches and data-parallel ranks by the trainer."""
 
     per_token: torch.Tensor
@@ -115,14 +95,14 @@ class Needs:
 
     @property
     def teacher_full(self) -> bool:
-        """Whether the teacher scoring pass must keep its full (local-shard) log-probs."""
+        """Whether the student update needs the teacher's logits shard of each micro-batch."""
         return self.jsd or self.reverse_kl
 
 
 # --- shared pieces ----------------------------------------------------------------------------------
 
 
-def policy_gradient(advantage, x: TokenInputs, ppo_clip: Optional[float]):
+def policy_gradient(advantage, x: TokenRecord, ppo_clip: Optional[float]):
     """-sg(A) · ratio, PPO-clipped when `ppo_clip` (equals -A · lp_S in gradient on-policy)."""
     advantage = advantage.detach()
     ratio = torch.exp(x.student_logprobs - x.old_logprobs.detach())
@@ -133,12 +113,12 @@ def policy_gradient(advantage, x: TokenInputs, ppo_clip: Optional[float]):
     return loss
 
 
-def k1_advantage(x: TokenInputs):
+def k1_advantage(x: TokenRecord):
     """A = -k1 = lp_T - lp_S_old: the per-token reverse-KL reward of on-policy distillation."""
     return (x.teacher_logprobs - x.old_logprobs).detach()
 
 
-def topk_fkl(x: TokenInputs, config: DistillConfig, k: Optional[int] = None):
+def topk_fkl(x: TokenRecord, config: DistillConfig, k: Optional[int] = None):
     """Top-k forward KL at each position (first k of the teacher's sorted top-k when k is given)."""
     teacher, student = x.teacher_topk_logprobs, x.student_topk_logprobs
     if k is not None:
@@ -153,13 +133,13 @@ class _Metrics(dict):
                       mask.sum().float())
 
 
-def _common_metrics(x: TokenInputs, metrics: _Metrics):
+def _common_metrics(x: TokenRecord, metrics: _Metrics):
     on = x.on_policy
     metrics.add("k1_reverse_kl", (x.old_logprobs - x.teacher_logprobs), on)
     metrics.add("advantage", k1_advantage(x), on)
     metrics.add("ratio", torch.exp(x.student_logprobs.detach() - x.old_logprobs), on)
     metrics.add("prefix_fraction", x.prefix.float(), on | x.prefix)
-    if x.teacher_topk_logprobs is not None:
+    if x.student_topk_logprobs is not None:
         metrics.add("teacher_topk_mass", x.teacher_topk_logprobs.exp().sum(-1), on)
         metrics.add("student_mass_on_teacher_topk", x.student_topk_logprobs.exp().sum(-1), on)
         metrics.add("topk_forward_kl", topk_forward_kl_terms(x.teacher_topk_logprobs,
@@ -175,7 +155,7 @@ def _masked(loss, mask):
 # --- the methods ------------------------------------------------------------------------------------
 
 
-def opd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def opd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """Plain OPD: L = -sg(A) · exp(lp_S - lp_S_old) on every on-policy token, A = lp_T - lp_S_old."""
     metrics = _Metrics()
     _common_metrics(x, metrics)
@@ -184,7 +164,7 @@ def opd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-def trust_mask(x: TokenInputs, config: DistillConfig):
+def trust_mask(x: TokenRecord, config: DistillConfig):
     """M_t: which on-policy tokens get the plain OPD signal.
 
     stochastic: U < P_trust = exp(min(0, lp_T - lp_S_old)) = min(1, π_T/π_S_old), the speculative-
@@ -198,7 +178,7 @@ def trust_mask(x: TokenInputs, config: DistillConfig):
     return x.reverse_kl <= config.trust_kl_delta
 
 
-def tropd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def tropd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """TrOPD (paper Eq. 13), per token:
 
         J = -1[x~π_S] M log(π_S/π_T) - 1[x~π_S] (1-M) Σ_topk π_T log(π_T/π_S) - β 1[x~π_T] log(π_T/π_S)
@@ -236,7 +216,7 @@ def tropd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-def eopd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def eopd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """EOPD: PPO-clipped OPD on every on-policy token, plus top-k (k=16) forward KL where the
     teacher's entropy exceeds the threshold (0.8)."""
     metrics = _Metrics()
@@ -250,7 +230,7 @@ def eopd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-def reopold_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def reopold_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """REOPOLD: clipped reward max(sg(lp_T - lp_S_old), log(λ/(1-λ))) as the advantage, on the
     selected tokens only (`selected`, precomputed over the global batch by `token_selection`)."""
     metrics = _Metrics()
@@ -263,7 +243,7 @@ def reopold_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-def entropy_opd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def entropy_opd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """Entropy-OPD: plain OPD on the selected highest-student-entropy tokens (top 20%)."""
     metrics = _Metrics()
     _common_metrics(x, metrics)
@@ -273,7 +253,7 @@ def entropy_opd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-def jsd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def jsd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """GKD: full-vocabulary generalised JSD(β) at every on-policy position, supervised."""
     metrics = _Metrics()
     _common_metrics(x, metrics)
@@ -282,7 +262,7 @@ def jsd_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-def fkl_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def fkl_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """Top-k forward KL at every on-policy position (reported to collapse)."""
     metrics = _Metrics()
     _common_metrics(x, metrics)
@@ -291,7 +271,7 @@ def fkl_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-LOSSES: Dict[str, Callable[[TokenInputs, DistillConfig], LossOutput]] = {
+LOSSES: Dict[str, Callable[[TokenRecord, DistillConfig], LossOutput]] = {
     "opd": opd_loss, "tropd": tropd_loss, "eopd": eopd_loss, "reopold": reopold_loss,
     "jsd": jsd_loss, "fkl": fkl_loss, "entropy-opd": entropy_opd_loss,
 }
@@ -314,5 +294,5 @@ def needs(config: DistillConfig) -> Needs:
     }[m]
 
 
-def compute_loss(x: TokenInputs, config: DistillConfig) -> LossOutput:
+def compute_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     return LOSSES[config.method](x, config)

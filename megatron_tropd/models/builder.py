@@ -69,6 +69,11 @@ def transformer_config(arch: ModelArch, params_dtype=torch.float32, **overrides)
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        # micro-batches differ in rows and length (dynamic batching): the pipeline schedule sends
+        # each activation's shape before it
+        variable_seq_lengths=parallel_state.get_pipeline_model_parallel_world_size() > 1,
+        moe_token_dispatcher_type="alltoall",  # the default (allgather) refuses variable lengths,
+        #                                        even in a dense model, which dispatches nothing
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

@@ -1,28 +1,31 @@
-"""Batched generation inside the training processes, on this rank's megatron-core model stage.
+"""Generation inside the training processes, on this rank's megatron-core model stage.
 
-Prompts of different lengths are left-padded (layout in `rollout.batch`); each step samples one
-token per row from the vocabulary-sharded logits of the last pipeline stage through
-`ops.vocab_parallel.sample` (no logits are gathered), with a KV cache (`rollout.kv_cache`) or,
-for reference, megatron's own forward of the whole sequence at every step.
+Every row starts at column 0 (layout in `megatron_tropd.tokens`); each step samples one token per
+row from the vocabulary-sharded logits of the last pipeline stage through `ops.vocab_parallel.sample`
+(no logits are gathered). Rows are decoded with a KV cache through at most `rollout_batch_size`
+slots with continuous batching and shared prompt prefill (`rollout.engine`), or, for reference,
+all at once with megatron's own forward of every whole sequence at every step.
 
 Random draws are keyed by (seed, global sample index, response position), so the same prompts give
-the same samples at any tensor-, pipeline- or data-parallel layout. Works for the student and, for
-online teacher responses, the frozen teacher alike.
+the same samples at any tensor-, pipeline- or data-parallel layout and any rollout batch size.
+Works for the student and, for online teacher responses, the frozen teacher alike.
 
     batch = generate(model, prompts, SamplingParams(temperature=1.0, max_new_tokens=512,
-                                                    stop_ids=(eos,), n_samples=4), vocab_size)
+                                                    stop_ids=(eos,), n_samples=4), vocab_size,
+                     rollout_batch_size=32)
 """
 
 import contextlib
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_tropd.ops import vocab_parallel as vp
-from megatron_tropd.rollout.batch import RolloutBatch, causal_padding_mask
-from megatron_tropd.rollout.kv_cache import KVCache
+from megatron_tropd.rollout.batch import RolloutBatch
+from megatron_tropd.rollout.engine import Engine, Row, Sampled
 from megatron_tropd.rollout.stage import GenerationStage
+from megatron_tropd.tokens import TokenRecord
 
 
 class GenerationError(ValueError):
@@ -73,9 +76,10 @@ def generate(
     vocab_size: int,
     prefixes: Optional[Sequence[Sequence[int]]] = None,
     sample_offset: int = 0,
-    pad_id: int = 0,
     use_kv_cache: bool = True,
     record_entropy: bool = False,
+    rollout_batch_size: Optional[int] = None,
+    max_prefill_tokens: Optional[int] = None,
 ) -> RolloutBatch:
     """Sample `params.n_samples` continuations of every prompt (collective over the
     model-parallel group: every rank passes the same prompts and gets the same batch).
@@ -85,123 +89,138 @@ def generate(
         prompts: token ids per prompt, of any lengths.
         vocab_size: the true vocabulary (the logits' padded columns are never sampled).
         prefixes: per prompt, teacher-response tokens the model continues from (off-policy
-            guidance); they are recorded as `prefix_mask`, not as the student's tokens. An empty
-            prefix is an on-policy row; a prefix ending in a stop id leaves nothing to sample.
+            guidance); they are recorded as prefix tokens, not as the student's. An empty prefix
+            is an on-policy row; a prefix ending in a stop id leaves nothing to sample.
         sample_offset: global index of this call's first sample, so that sampling does not depend
             on how prompts are split over data-parallel ranks (prompt index * n_samples).
-        pad_id: id written at padded columns (masked everywhere).
-        use_kv_cache: False recomputes the whole sequence at every step (the reference the KV
-            cache is tested against).
-        record_entropy: also record the sampling distribution's entropy per student token
-            (`student_entropy`; an extra pass over the vocabulary shard per step), else zeros.
+        use_kv_cache: False recomputes every whole sequence at every step with megatron's forward
+            (the reference the cached engine is tested against; all rows at once).
+        record_entropy: also record the sampling distribution's entropy per student token (an
+            extra pass over the vocabulary shard per step), else zeros.
+        rollout_batch_size: rows in flight at once (the KV cache holds this many); None: all.
+        max_prefill_tokens: tokens (padding included) of one prefill forward; None: no limit.
     """
-    contexts, prompt_lengths, prefix_lengths = _rows(prompts, prefixes, params.n_samples)
-    _check(contexts, params, vocab_size, model.max_sequence_length)
+    rows, prompt_lengths = _rows(prompts, prefixes, params.n_samples, sample_offset)
+    _check(rows, params, vocab_size, model.max_sequence_length)
+    for name, value in (("rollout_batch_size", rollout_batch_size),
+                        ("max_prefill_tokens", max_prefill_tokens)):
+        if value is not None and value < 1:
+            raise GenerationError(f"{name} must be >= 1, got {value}")
+    with _eval_mode(model), torch.inference_mode():
+        if use_kv_cache:
+            engine = Engine(model, rows, params, vocab_size, rollout_batch_size or len(rows),
+                            max_prefill_tokens, record_entropy)
+            with _without_cuda_to_cpu_mode():
+                sampled = engine.run()
+        else:
+            sampled = _recompute(model, rows, params, vocab_size, record_entropy)
+    return _batch(rows, prompt_lengths, sampled)
+
+
+def _recompute(model, rows: List[Row], params, vocab_size: int, record_entropy: bool) -> Sampled:
+    """The reference: every row at once, megatron's full forward of each whole sequence so far at
+    every step, the logits at each row's last token."""
     device = next(model.parameters()).device
-    n_rows, width = len(contexts), max(len(c) for c in contexts)
-    max_length = width + params.max_new_tokens
-    tokens, padding = _left_padded(contexts, width, max_length, pad_id, device)
-    prompt_lengths, prefix_lengths = prompt_lengths.to(device), prefix_lengths.to(device)
-    student_mask = torch.zeros((n_rows, max_length), dtype=torch.bool, device=device)
-    lp_S_old = torch.zeros((n_rows, max_length), dtype=torch.float32, device=device)
-    student_entropy = torch.zeros_like(lp_S_old)
-    sample_ids = torch.arange(sample_offset, sample_offset + n_rows, device=device)
+    n_rows = len(rows)
+    stage = GenerationStage(model, max(len(r.context) for r in rows) + params.max_new_tokens,
+                            n_rows)
+    tokens = torch.zeros((n_rows, stage.rope.shape[0]), dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row.context)] = torch.tensor(row.context)
+    lengths = torch.tensor([len(r.context) for r in rows], device=device)
+    sample_ids = torch.tensor([r.sample_id for r in rows], device=device)
+    prefix_lengths = torch.tensor([r.prefix_length for r in rows], device=device)
     stop_ids = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
-    # A teacher prefix that ends in a stop id leaves the row nothing to sample.
-    done = (prefix_lengths > 0) & torch.isin(tokens[:, width - 1], stop_ids)
-
-    # The sampler's draw of every row and step, made once, keyed by (seed, sample id, response
-    # position).
-    uniforms = (vp.uniform_from_keys(vp.sampling_keys(
-        params.seed, sample_ids[:, None],
-        prefix_lengths[:, None] + torch.arange(params.max_new_tokens, device=device)))
-        if params.temperature > 0 else None)
-
-    stage = GenerationStage(model, max_length, n_rows)
-    kv_cache = KVCache(model, n_rows, max_length, stage.rope) if use_kv_cache else None
-    fast_path = _without_cuda_to_cpu_mode() if kv_cache is not None else contextlib.nullcontext()
-    steps = 0
-    with _eval_mode(model), torch.inference_mode(), fast_path:
-        while steps < params.max_new_tokens and not done.all():
-            column = width + steps
-            start = kv_cache.position if kv_cache is not None else 0
-            mask = causal_padding_mask(padding, start, column - start)
-            logits = stage.forward(tokens[:, start:column], mask, kv_cache)
-            ids = torch.empty(n_rows, dtype=torch.long, device=device)
-            if stage.is_last:
-                ids = vp.sample(logits, vocab_size, None if uniforms is None else uniforms[:, steps],
-                                params.temperature, params.top_k, params.top_p)
-                if record_entropy:
-                    lp_S_old[:, column], student_entropy[:, column] = (
-                        vp.token_log_probs_and_entropy(logits, ids, vocab_size))
-                else:
-                    lp_S_old[:, column] = vp.token_log_probs(logits, ids, vocab_size)
-            stage.broadcast_from_last(ids)
-            tokens[:, column] = ids.masked_fill(done, pad_id)
-            student_mask[:, column] = ~done
-            done |= torch.isin(ids, stop_ids)
-            steps += 1
-    length = width + steps
-    # Only the last stage computed the sampler's statistics; rows stopped earlier hold none.
-    stats = stage.broadcast_from_last(
-        torch.stack([lp_S_old[:, width:length], student_entropy[:, width:length]]).contiguous())
-    untrained = ~student_mask[:, width:length]
-    lp_S_old[:, width:length] = stats[0].masked_fill(untrained, 0.0)
-    student_entropy[:, width:length] = stats[1].masked_fill(untrained, 0.0)
-    return RolloutBatch(
-        tokens=tokens[:, :length].clone(),
-        prompt_lengths=prompt_lengths,
-        prefix_lengths=prefix_lengths,
-        context_width=width,
-        student_mask=student_mask[:, :length].clone(),
-        lp_S_old=lp_S_old[:, :length].clone(),
-        student_entropy=student_entropy[:, :length].clone(),
-        sample_ids=sample_ids,
-    )
+    done = (prefix_lengths > 0) & torch.isin(tokens[torch.arange(n_rows), lengths - 1], stop_ids)
+    shape = (n_rows, params.max_new_tokens)
+    sampled = Sampled(torch.zeros(shape, dtype=torch.long, device=device),
+                      torch.zeros(shape, device=device), torch.zeros(shape, device=device),
+                      [0] * n_rows)
+    rows_index = torch.arange(n_rows, device=device)
+    for step in range(params.max_new_tokens):
+        if done.all():
+            break
+        logits = stage.full_forward(tokens[:, :int(lengths.max())], lengths - 1)
+        ids = torch.empty(n_rows, dtype=torch.long, device=device)
+        if stage.is_last:
+            uniforms = (vp.uniform_from_keys(vp.sampling_keys(params.seed, sample_ids,
+                                                              prefix_lengths + step))
+                        if params.temperature > 0 else None)
+            ids = vp.sample(logits, vocab_size, uniforms, params.temperature, params.top_k,
+                            params.top_p)
+            if record_entropy:
+                sampled.log_probs[:, step], sampled.entropy[:, step] = (
+                    vp.token_log_probs_and_entropy(logits, ids, vocab_size))
+            else:
+                sampled.log_probs[:, step] = vp.token_log_probs(logits, ids, vocab_size)
+        stage.broadcast_from_last(ids)
+        sampled.ids[:, step] = ids
+        live = ~done
+        tokens[rows_index[live], lengths[live]] = ids[live]
+        for b in live.nonzero().flatten().tolist():
+            sampled.counts[b] = step + 1
+        lengths = lengths + live.long()
+        done |= torch.isin(ids, stop_ids)
+    stats = stage.broadcast_from_last(torch.stack([sampled.log_probs, sampled.entropy]))
+    sampled.log_probs, sampled.entropy = stats[0], stats[1]
+    return sampled
 
 
-def _rows(prompts, prefixes, n_samples):
-    """Contexts (prompt + prefix) of every sample row, with their prompt and prefix lengths."""
+def _batch(rows: List[Row], prompt_lengths: List[int], sampled: Sampled) -> RolloutBatch:
+    """The rollout batch of `rows` from what was sampled: sequences from column 0 and the record
+    of their response tokens (teacher prefix, then the student's)."""
+    device = sampled.ids.device
+    sequences, ids, on_policy, old_logprobs, entropy = [], [], [], [], []
+    for b, (row, prompt_length) in enumerate(zip(rows, prompt_lengths)):
+        n = sampled.counts[b]
+        context = torch.tensor(row.context, dtype=torch.long, device=device)
+        student = sampled.ids[b, :n]
+        sequences.append(torch.cat([context, student]))
+        prefix = torch.zeros(row.prefix_length, device=device)
+        ids += [context[prompt_length:], student]
+        on_policy += [prefix.bool(), torch.ones(n, dtype=torch.bool, device=device)]
+        old_logprobs += [prefix, sampled.log_probs[b, :n]]
+        entropy += [prefix, sampled.entropy[b, :n]]
+    record = TokenRecord(ids=torch.cat(ids), on_policy=torch.cat(on_policy),
+                         old_logprobs=torch.cat(old_logprobs).float(),
+                         student_entropy=torch.cat(entropy).float())
+    return RolloutBatch(sequences=sequences, prompt_lengths=prompt_lengths, record=record,
+                        prefix_lengths=[row.prefix_length for row in rows],
+                        sample_ids=[row.sample_id for row in rows])
+
+
+def _rows(prompts, prefixes, n_samples, sample_offset) -> Tuple[List[Row], List[int]]:
+    """Every sample row (context = prompt + prefix), and its prompt length."""
     if len(prompts) == 0:
         raise GenerationError("no prompts to generate from")
     if prefixes is None:
         prefixes = [()] * len(prompts)
     if len(prefixes) != len(prompts):
         raise GenerationError(f"{len(prefixes)} teacher prefixes for {len(prompts)} prompts")
-    contexts, prompt_lengths, prefix_lengths = [], [], []
+    rows, prompt_lengths = [], []
     for i, (prompt, prefix) in enumerate(zip(prompts, prefixes)):
-        prompt, prefix = [int(t) for t in prompt], [int(t) for t in prefix]
+        prompt, prefix = tuple(int(t) for t in prompt), tuple(int(t) for t in prefix)
         if not prompt:
             raise GenerationError(f"prompt {i} is empty")
-        contexts += [prompt + prefix] * n_samples
-        prompt_lengths += [len(prompt)] * n_samples
-        prefix_lengths += [len(prefix)] * n_samples
-    return contexts, torch.tensor(prompt_lengths), torch.tensor(prefix_lengths)
+        for j in range(n_samples):
+            rows.append(Row(prompt + prefix, len(prefix), sample_offset + i * n_samples + j))
+            prompt_lengths.append(len(prompt))
+    return rows, prompt_lengths
 
 
-def _left_padded(contexts, width, max_length, pad_id, device):
-    """Token buffer `[B, max_length]` with each context ending at column `width`, and the mask of
-    its left padding."""
-    tokens = torch.full((len(contexts), max_length), pad_id, dtype=torch.long)
-    padding = torch.zeros((len(contexts), max_length), dtype=torch.bool)
-    for row, context in enumerate(contexts):
-        tokens[row, width - len(context):width] = torch.tensor(context, dtype=torch.long)
-        padding[row, :width - len(context)] = True
-    return tokens.to(device), padding.to(device)
-
-
-def _check(contexts, params, vocab_size, max_sequence_length):
-    longest = max(range(len(contexts)), key=lambda r: len(contexts[r]))
-    if len(contexts[longest]) + params.max_new_tokens > max_sequence_length:
+def _check(rows, params, vocab_size, max_sequence_length):
+    longest = max(range(len(rows)), key=lambda r: len(rows[r].context))
+    if len(rows[longest].context) + params.max_new_tokens > max_sequence_length:
         raise GenerationError(
-            f"row {longest}: context of {len(contexts[longest])} tokens + max_new_tokens "
+            f"row {longest}: context of {len(rows[longest].context)} tokens + max_new_tokens "
             f"{params.max_new_tokens} exceeds the model's maximum sequence length "
             f"{max_sequence_length}"
         )
-    ids = [t for c in contexts for t in c]
-    if min(ids) < 0 or max(ids) >= vocab_size:
+    low = min(min(r.context) for r in rows)
+    high = max(max(r.context) for r in rows)
+    if low < 0 or high >= vocab_size:
         raise GenerationError(
-            f"token ids must lie in [0, {vocab_size}), got ids from {min(ids)} to {max(ids)}"
+            f"token ids must lie in [0, {vocab_size}), got ids from {low} to {high}"
         )
 
 
@@ -210,9 +229,9 @@ def _without_cuda_to_cpu_mode():
     TorchFunctionMode, which sends every torch call through Python (about 11% of a decode step of
     the benchmark model). That path allocates nothing on a CUDA device (the KV cache is built
     outside it; megatron's core attention, which takes a buffer on the current CUDA device, is not
-    called), so the mode has nothing to do there; a megatron-core change that did allocate would
-    fail loudly ("Torch not compiled with CUDA"), not silently. megatron's full forward (no KV
-    cache) keeps the mode."""
+    called), so the mode has nothing to do
+    there; a megatron-core change that did allocate would fail loudly ("Torch not compiled with
+    CUDA"), not silently. megatron's full forward (no KV cache) keeps the mode."""
     from megatron_tropd import cpu_compat
 
     return torch._C.DisableTorchFunction() if cpu_compat.is_enabled() else contextlib.nullcontext()

@@ -1,26 +1,31 @@
-"""The KV cache of generation, and the forward of this stage's layers that uses it.
+"""The KV cache of generation, and the forwards of this stage's layers that use it.
 
 megatron-core 0.16.1's static KV cache (`StaticInferenceContext`) stores keys before RoPE and, at
 every decode step and in every layer, rotates the whole cache again and repeats its key/value
-heads for grouped-query attention: work that grows with the sequence, on every token. Its layer,
-attention and linear modules also carry Python for training features (recomputation, offloading,
-autograd functions for tensor-parallel communication) that a decode step pays per layer, and on a
-CPU the products of a few rows with megatron's `[out, in]` weights run well below the memory
-bandwidth they are bound by (see `DecodeLinear`).
+heads for grouped-query attention: work that grows with the sequence, on every token; it also
+keeps one position for the whole batch, so rows cannot start, stop or be replaced on their own.
+Its layer, attention and linear modules carry Python for training features (recomputation,
+offloading, autograd functions for tensor-parallel communication) that a decode step pays per
+layer, and on a CPU the products of a few rows with megatron's `[out, in]` weights run well below
+the memory bandwidth they are bound by (see `DecodeLinear`).
 
-So a decode step is written here as plain tensor operations on the layer's own weights, taken from
+So the layers are written here as plain tensor operations on the layer's own weights, taken from
 its megatron modules when the cache is made (`_DecodeLayer`), in the order megatron's layer
 computes in eval mode:
 
     h = h + proj(attention(rope(q_norm(q)), rope(k_norm(k)), v))    q, k, v = split(qkv(norm1(h)))
     h = h + fc2(silu(gate) * up)                                    gate | up = fc1(norm2(h))
 
-Keys are stored after RoPE, once; attention runs through `scaled_dot_product_attention` with
-grouped heads (`enable_gqa`). Tensor parallelism is megatron's: QKV and fc1 are column-parallel
-(the local heads / the local slice of the hidden MLP, no communication), the output projection and
-fc2 row-parallel (their partial products all-reduced over the tensor-parallel group). The products
-run through `DecodeLinear`: on a CPU with MKL from weights packed for the step's row count when the
-cache is made (one packed copy of the stage's layer weights for the duration of a `generate` call).
+The cache is organised in *slots* (continuous batching, `rollout.engine`): each slot holds one row
+at its own position, so RoPE angles and the attended key range are per row. `prefill` caches
+contexts (causal attention over the context alone) into any slots, several slots taking the same
+context from one computation; `decode` runs one token per slot. Keys are stored after RoPE, once;
+attention runs through `scaled_dot_product_attention` with grouped heads (`enable_gqa`), which on
+a CPU is the flash kernel in both cases (no `[T, T]` scores). Tensor parallelism is megatron's:
+QKV and fc1 are column-parallel (the local heads / the local slice of the hidden MLP, no
+communication), the output projection and fc2 row-parallel (their partial products all-reduced
+over the tensor-parallel group). The products run through `DecodeLinear`: on a CPU with MKL from
+weights packed for the decode step's row count when the cache is made.
 
 Training never goes through this module; the tests check generation with it against megatron's
 own forward. `check_supported` rejects configurations this composition does not cover.
@@ -95,26 +100,32 @@ class DecodeLinear:
 
 
 class KVCache:
-    """Keys (after RoPE) and values of every layer of this rank's pipeline stage, and the decode
-    forward of its layers.
+    """Keys (after RoPE) and values of every layer of this rank's pipeline stage for `slots` rows
+    in flight, and the forwards of its layers that use them.
 
     Args:
         model: this rank's GPTModel stage.
-        batch_size, max_length: rows and columns the cache holds.
+        slots: rows decoded together (the rollout batch size); each slot holds one row at a time.
+        max_length: the longest row (context + new tokens) a slot will hold.
         rope: RoPE angles of positions `0..max_length-1`, `[max_length, 1, 1, head dim]`.
 
-    Each layer holds keys and values `[batch, key/value heads per TP rank, max_length, head dim]`.
-    `position` is the column of the first token of the next forward.
+    Each layer holds keys and values `[slots + 1, key/value heads per TP rank, max_length, head
+    dim]`; row `slots` is a staging row that keeps a context's keys and values for rows admitted
+    later (`staging`, `copy`). A slot's cached positions are `0..length-1`; positions past a slot's
+    length hold stale values that no query attends to and the next token overwrites.
     """
 
-    def __init__(self, model, batch_size: int, max_length: int, rope):
+    def __init__(self, model, slots: int, max_length: int, rope):
         from megatron.core import parallel_state
 
         check_supported(model)
         config = model.config
         device = next(model.parameters()).device
-        self.layers = [_DecodeLayer(layer, config, batch_size) for layer in model.decoder.layers]
-        self.cache = [tuple(torch.empty((batch_size, layer.kv_heads, max_length,
+        self.slots = slots
+        self.layers = [_DecodeLayer(layer, config, slots) for layer in model.decoder.layers]
+        # zeros, not uninitialised memory: a masked position's key and value still enter the
+        # attention products (with weight 0), and 0 * NaN would be NaN
+        self.cache = [tuple(torch.zeros((slots + 1, layer.kv_heads, max_length,
                                          config.kv_channels),
                                         dtype=config.params_dtype, device=device)
                             for _ in range(2)) for layer in self.layers]
@@ -125,33 +136,77 @@ class KVCache:
         self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-        self.position = 0
 
-    def decoder_forward(self, hidden, attention_mask):
-        """This stage's layers (and the final norm on the last stage) on `hidden [s, B, H]` at
-        columns `[position, position + s)`, caching their keys and values; `attention_mask`
-        `[B, 1, s, position + s]` bool, True = masked. Advances `position` by s."""
-        start = self.position
-        end = start + hidden.shape[0]
-        allowed = ~attention_mask  # SDPA's boolean masks mark what may be attended to
-        cos, sin = self.cos[start:end], self.sin[start:end]
+    @property
+    def staging(self) -> int:
+        """The cache row that holds a context for later rows, outside the decoded slots."""
+        return self.slots
+
+    def prefill(self, hidden, contexts_of_slots, slots):
+        """Cache the keys and values of contexts `hidden [L, U, H]` (right-padded; causal
+        attention) in the given cache rows: row `slots[i]` receives context
+        `contexts_of_slots[i]`'s positions `0..L-1` (those past a context's length are stale).
+        Returns the stage's output hidden states `[L, U, H]`."""
+        length = hidden.shape[0]
+        source = torch.as_tensor(contexts_of_slots, device=hidden.device)
+        target = torch.as_tensor(slots, device=hidden.device)
+        cos, sin = self.cos[:length], self.sin[:length]
+
+        def attend(keys, values, query, key, value):
+            key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [U, kv, L, d]
+            keys[target, :, :length] = key[source]
+            values[target, :, :length] = value[source]
+            return F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), key, value,
+                                                  is_causal=True, scale=self.scale,
+                                                  enable_gqa=True)
+
+        return self._layers(hidden, cos, sin, attend)
+
+    def decode(self, hidden, positions, keys_used: int):
+        """One token per slot, `hidden [1, slots, H]` at `positions [slots]` (each slot's length
+        so far): caches its key and value there and attends to the slot's positions
+        `0..position`; `keys_used` (> every position) bounds the columns read. Returns `[1, slots,
+        H]` (after the final norm on the last stage)."""
+        slots = torch.arange(hidden.shape[1], device=hidden.device)
+        cos = self.cos[positions].view(1, -1, 1, self.cos.shape[-1])
+        sin = self.sin[positions].view(1, -1, 1, self.sin.shape[-1])
+        # SDPA's boolean masks mark what may be attended to: each slot's own positions
+        allowed = (torch.arange(keys_used, device=hidden.device)[None, :]
+                   <= positions[:, None])[:, None, None, :]
+
+        def attend(keys, values, query, key, value):
+            keys[slots, :, positions] = key[0]
+            values[slots, :, positions] = value[0]
+            return F.scaled_dot_product_attention(
+                query.permute(1, 2, 0, 3), keys[:self.slots, :, :keys_used],
+                values[:self.slots, :, :keys_used], attn_mask=allowed, scale=self.scale,
+                enable_gqa=True)
+
+        return self._layers(hidden, cos, sin, attend)
+
+    def copy(self, source: int, targets, length: int):
+        """Cache rows `targets` take cache row `source`'s first `length` positions (a context
+        shared by the samples of one prompt)."""
+        if length == 0 or len(targets) == 0:
+            return
+        index = torch.as_tensor(targets, device=self.cache[0][0].device)
+        for keys, values in self.cache:
+            keys[index, :, :length] = keys[source, :, :length]
+            values[index, :, :length] = values[source, :, :length]
+
+    def _layers(self, hidden, cos, sin, attend):
+        """This stage's layers on `hidden [s, B, H]`, `attend` caching keys and values and
+        returning the attention context `[B, heads, s, d]`; then the final norm, if here."""
         for layer, (keys, values) in zip(self.layers, self.cache):
-            h = self._norm(hidden, layer.norm1)
-            query, key, value = layer.query_key_value(h, self._norm)  # [s, B, heads, d]
-            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
-            keys[:, :, start:end] = key.permute(1, 2, 0, 3)
-            values[:, :, start:end] = value.permute(1, 2, 0, 3)
-            context = F.scaled_dot_product_attention(
-                query.permute(1, 2, 0, 3), keys[:, :, :end], values[:, :, :end],
-                attn_mask=allowed, scale=self.scale, enable_gqa=True,
-            )  # [B, heads, s, d]
-            context = context.permute(2, 0, 1, 3).reshape(end - start, context.shape[0], -1)
+            query, key, value = layer.query_key_value(self._norm(hidden, layer.norm1), self._norm)
+            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)  # [s, B, heads, d]
+            context = attend(keys, values, query, key, value)
+            context = context.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)
             hidden = hidden + self._row_parallel(context, layer.proj)
             gate, up = layer.fc1(self._norm(hidden, layer.norm2)).chunk(2, dim=-1)
             hidden = hidden + self._row_parallel(F.silu(gate) * up, layer.fc2)
         if self.final_norm is not None:
             hidden = self._norm(hidden, self.final_norm)
-        self.position = end
         return hidden
 
     def _norm(self, x, weight):
