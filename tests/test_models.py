@@ -202,6 +202,65 @@ def test_paired_teacher_forward(reference, layouts, tp, pp):
         _assert_close(grads[name], expected, name)
 
 
+def _attention_outputs():
+    """megatron's DotProductAttention and our FusedCausalAttention on the same GQA inputs, with
+    their input gradients, next to a float64 reference (causal, and with a boolean mask), in fp32
+    and bf16."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_tropd.models.attention import FusedCausalAttention
+    from megatron_tropd.models.builder import transformer_config
+
+    g = torch.Generator().manual_seed(3)
+    s, b, heads, groups, d = 10, 2, 4, 2, 16
+    q, k, v = (torch.randn(s, b, n, d, generator=g, dtype=torch.float64)
+               for n in (heads, groups, groups))
+    upstream = torch.randn(s, b, heads * d, generator=g, dtype=torch.float64)
+    padding = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    padding[1, ..., :3] = True  # row 1: three masked keys (left padding, as megatron masks it)
+    masks = {"causal": None, "mask": torch.ones(s, s).triu(1).bool()[None, None] | padding}
+    masks["mask"] &= ~torch.eye(s, dtype=torch.bool)  # every query keeps itself
+
+    def reference(mask):
+        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+        scores = torch.einsum("sbhd,tbhd->bhst", qq, kk.repeat_interleave(2, 2)) / d ** 0.5
+        hidden = torch.ones(s, s).triu(1).bool() if mask is None else mask
+        probs = scores.masked_fill(hidden, -torch.inf).softmax(-1)
+        out = torch.einsum("bhst,tbhd->sbhd", probs, vv.repeat_interleave(2, 2)).reshape(s, b, -1)
+        (out * upstream).sum().backward()
+        return out.detach(), [x.grad for x in (qq, kk, vv)]
+
+    results = {}
+    arch = ModelArch(family="llama", vocab_size=VOCAB, hidden_size=heads * d, ffn_hidden_size=96,
+                     num_layers=1, num_attention_heads=heads, num_query_groups=groups)
+    for dtype in (torch.float32, torch.bfloat16):
+        config = transformer_config(arch, dtype)
+        for name, mask in masks.items():
+            expected = reference(mask)
+            for cls in (DotProductAttention, FusedCausalAttention):
+                module = cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                             attention_type="self")
+                inputs = [x.to(dtype).requires_grad_(True) for x in (q, k, v)]
+                out = module(*inputs, mask)
+                (out * upstream.to(dtype)).sum().backward()
+                results[(dtype, name, cls.__name__)] = (
+                    expected, out.detach().double(), [x.grad.double() for x in inputs])
+    return results
+
+
+def test_fused_causal_attention_matches_megatron_and_float64():
+    """The local spec's core attention through SDPA equals a float64 computation as megatron's
+    own DotProductAttention does, values and gradients, causal and masked, fp32 and bf16."""
+    results = run_distributed(_attention_outputs, world_size=1)[0]
+    for (dtype, name, cls), ((out64, grads64), out, grads) in results.items():
+        tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+        what = f"{cls} {dtype} {name}"
+        _assert_close(out, out64, what, rel=tolerance)
+        for got, expected in zip(grads, grads64):
+            _assert_close(got, expected, what + " gradient", rel=tolerance)
+
+
 def test_teacher_is_built_frozen(reference):
     assert reference["teacher_frozen"]
 

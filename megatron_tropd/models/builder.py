@@ -91,7 +91,8 @@ def transformer_config(arch: ModelArch, params_dtype=torch.float32, **overrides)
 
 
 def layer_spec(arch: ModelArch, use_transformer_engine: bool = False):
-    """The local (pure megatron-core) layer spec, or TransformerEngine's when asked for."""
+    """The local (pure megatron-core) layer spec with its core attention on torch's fused kernels
+    (`models.attention`), or TransformerEngine's when asked for."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_transformer_engine:
@@ -105,9 +106,13 @@ def layer_spec(arch: ModelArch, use_transformer_engine: bool = False):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=arch.qk_layernorm
         )
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    from megatron_tropd.models.attention import FusedCausalAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
     )
+    spec.submodules.self_attention.submodules.core_attention = FusedCausalAttention
+    return spec
 
 
 def build_model(
