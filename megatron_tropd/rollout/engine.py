@@ -78,7 +78,10 @@ class Engine:
             r for r, row in enumerate(self.rows)
             if not (row.prefix_length > 0 and row.context[-1] in self.stop_ids))
         self.slots = max(1, min(slots, len(self.queue)))
-        max_length = max(len(row.context) for row in self.rows) + params.max_new_tokens
+        # sized for the rows that sample (a guided row whose prefix is a whole teacher response
+        # needs no slot)
+        max_length = max((len(self.rows[r].context) for r in self.queue), default=1) + \
+            params.max_new_tokens
         self.stage = GenerationStage(model, max_length, self.slots)
         self.cache = KVCache(model, self.slots, max_length, self.stage.rope)
         self.staged = None  # the context in the cache's staging row

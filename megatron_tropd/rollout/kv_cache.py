@@ -196,18 +196,26 @@ class KVCache:
 
     def _layers(self, hidden, cos, sin, attend):
         """This stage's layers on `hidden [s, B, H]`, `attend` caching keys and values and
-        returning the attention context `[B, heads, s, d]`; then the final norm, if here."""
-        for layer, (keys, values) in zip(self.layers, self.cache):
-            query, key, value = layer.query_key_value(self._norm(hidden, layer.norm1), self._norm)
-            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)  # [s, B, heads, d]
-            context = attend(keys, values, query, key, value)
-            context = context.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)
-            hidden = hidden + self._row_parallel(context, layer.proj)
-            gate, up = layer.fc1(self._norm(hidden, layer.norm2)).chunk(2, dim=-1)
-            hidden = hidden + self._row_parallel(F.silu(gate) * up, layer.fc2)
+        returning the attention context `[B, heads, s, d]`; then the final norm, if here. (The
+        attention and the MLP are functions of their own, so each one's temporaries are freed
+        before the next begins.)"""
+        for layer, cache in zip(self.layers, self.cache):
+            hidden = hidden + self._attention(layer, cache, hidden, cos, sin, attend)
+            hidden = hidden + self._mlp(layer, hidden)
         if self.final_norm is not None:
             hidden = self._norm(hidden, self.final_norm)
         return hidden
+
+    def _attention(self, layer, cache, hidden, cos, sin, attend):
+        query, key, value = layer.query_key_value(self._norm(hidden, layer.norm1), self._norm)
+        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)  # [s, B, heads, d]
+        context = attend(*cache, query, key, value)
+        context = context.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)
+        return self._row_parallel(context, layer.proj)
+
+    def _mlp(self, layer, hidden):
+        gate, up = layer.fc1(self._norm(hidden, layer.norm2)).chunk(2, dim=-1)
+        return self._row_parallel(F.silu(gate) * up, layer.fc2)
 
     def _norm(self, x, weight):
         return F.rms_norm(x, weight.shape, weight, self.eps)
