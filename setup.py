@@ -14,6 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_tropd", "megatron_tropd.*"]),
+    package_data={"megatron_tropd": ["configs/*.json"]},  # model configs of the memory plan
     install_requires=[
         "megatron-core>=0.16.1",
         "torch>=2.4",

@@ -4,7 +4,6 @@ holding every cross-flag check (each failure is a one-line `ArgumentError`)."""
 import argparse
 import dataclasses
 import os
-import sys
 
 from megatron_tropd.distill.losses import (METHODS, OUTLIER_MODES, TRUST_REGIONS, DistillConfig)
 
@@ -214,11 +213,12 @@ def validate_args(args, world_size: int = 1):
     if args.prompts_per_iteration % dp:
         raise ArgumentError(f"--prompts-per-iteration {args.prompts_per_iteration} is not divisible "
                             f"by the data-parallel size {dp}")
-    if args.micro_batch_size is None:
-        args.micro_batch_size = 4 if args.max_tokens_per_micro_batch is None else sys.maxsize
+    set_micro_batch_default(args)
     for name in ("micro_batch_size", "samples_per_prompt", "epochs_per_rollout",
-                 "rollout_batch_size", "max_new_tokens", "max_prompt_length"):
-        if getattr(args, name) < 1:
+                 "rollout_batch_size", "max_new_tokens", "max_prompt_length",
+                 "max_tokens_per_micro_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1")
     longest_row = args.max_prompt_length + args.max_new_tokens
     if args.max_tokens_per_micro_batch is not None and args.max_tokens_per_micro_batch < longest_row:
@@ -263,6 +263,13 @@ def validate_args(args, world_size: int = 1):
     if args.bf16 and not _cuda_available():
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
     return dp
+
+
+def set_micro_batch_default(args):
+    """Without --micro-batch-size: 4 rows per micro-batch, or no row limit (None) when
+    --max-tokens-per-micro-batch sizes them."""
+    if args.micro_batch_size is None and args.max_tokens_per_micro_batch is None:
+        args.micro_batch_size = 4
 
 
 def _cuda_available() -> bool:

@@ -136,12 +136,12 @@ class TokenBatch:
         return MicroBatch(list(rows), tokens, scored, index)
 
 
-def plan_micro_batches(lengths: Sequence[int], max_rows: int,
+def plan_micro_batches(lengths: Sequence[int], max_rows: Optional[int],
                        max_tokens: Optional[int] = None) -> List[List[int]]:
     """Row indices of each micro-batch: rows sorted longest first (ties in row order), each
-    micro-batch filled while it holds at most `max_rows` rows and, with `max_tokens`, at most that
-    many tokens counting padding (rows x its first, longest row). A row longer than `max_tokens`
-    is a micro-batch of its own. The plan depends only on the lengths, so every pipeline stage of
+    micro-batch filled while it holds at most `max_rows` rows (None: any number) and, with
+    `max_tokens`, at most that many tokens counting padding (rows x its first, longest row). A
+    row longer than `max_tokens` is a micro-batch of its own. The plan depends only on the lengths, so every pipeline stage of
     a data-parallel rank, which holds the same rows, makes the same plan."""
     order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
     plan: List[List[int]] = []
@@ -149,7 +149,7 @@ def plan_micro_batches(lengths: Sequence[int], max_rows: int,
         if plan:
             current = plan[-1]
             rows = len(current) + 1
-            if rows <= max_rows and (max_tokens is None
+            if (max_rows is None or rows <= max_rows) and (max_tokens is None
                                      or rows * lengths[current[0]] <= max_tokens):
                 current.append(r)
                 continue
