@@ -12,7 +12,9 @@
 # overrides: METHOD (tropd), SAVE (runs/$METHOD; resumes from its latest checkpoint),
 # NPROC_PER_NODE (8), NNODES (1; with more, RDZV_ENDPOINT=host:port of the first node, NODE_RANK),
 # TP (2), PP (1), TRAIN_ITERS (200), LR (5e-6), PROMPTS_PER_ITERATION (128), SAMPLES_PER_PROMPT (4),
-# MAX_NEW_TOKENS (8192), MICRO_BATCH_SIZE (1), MAX_PROMPT_LENGTH (1024), TEACHER_TOPK (64),
+# MAX_NEW_TOKENS (8192), MAX_PROMPT_LENGTH (1024), ROLLOUT_BATCH_SIZE (32 rows decoded at once),
+# MAX_TOKENS_PER_MICRO_BATCH (18432: two full rows; memory per GPU follows these two, see
+# tools/plan_memory.py), MICRO_BATCH_SIZE (unset: rows per micro-batch by tokens), TEACHER_TOPK (64),
 # SAVE_INTERVAL (20), SEED (1234), BF16 (1), TE (1, TransformerEngine spec), TEACHER_RESPONSES
 # (TrOPD: offline teacher responses, examples/generate_teacher_responses.sh; without it
 # PREFIX_SOURCE, default online, generates them in the job; none turns guidance off).
@@ -51,11 +53,14 @@ esac
 DISTILL_ARGS=(--distill-method "$METHOD" "${METHOD_ARGS[@]}")
 
 ROLLOUT_ARGS=(--samples-per-prompt "${SAMPLES_PER_PROMPT:-4}" --max-new-tokens "${MAX_NEW_TOKENS:-8192}"
-              --temperature 1.0 --top-p 1.0 --teacher-topk "${TEACHER_TOPK:-64}")
+              --temperature 1.0 --top-p 1.0 --teacher-topk "${TEACHER_TOPK:-64}"
+              --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-32}")
 
 TRAINING_ARGS=(--train-iters "$TRAIN_ITERS" --prompts-per-iteration "${PROMPTS_PER_ITERATION:-128}"
-               --micro-batch-size "${MICRO_BATCH_SIZE:-1}" --lr "${LR:-5e-6}" --lr-warmup-iters 0
+               --max-tokens-per-micro-batch "${MAX_TOKENS_PER_MICRO_BATCH:-18432}"
+               --lr "${LR:-5e-6}" --lr-warmup-iters 0
                --lr-decay-style constant --weight-decay 0.1 --clip-grad 1.0 --seed "${SEED:-1234}")
+[ -n "${MICRO_BATCH_SIZE:-}" ] && TRAINING_ARGS+=(--micro-batch-size "$MICRO_BATCH_SIZE")
 
 DATA_ARGS=(--prompts "${PROMPTS:?PROMPTS=JSONL of prompts}" --prompt-template auto
            --max-prompt-length "${MAX_PROMPT_LENGTH:-1024}")

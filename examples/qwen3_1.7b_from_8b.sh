@@ -11,10 +11,10 @@
 # Environment: HF_STUDENT, HF_TEACHER (HF model directories), PROMPTS (JSONL of {prompt} or
 # {messages}), WORK (runs/qwen3-1.7b-from-8b: converted models, the run, the export), METHOD
 # (tropd), TP (2), and every override of examples/distill.sh (NNODES, TRAIN_ITERS, ...).
-# Memory: the rollout keeps the KV cache of all of a rank's sequences at once; with 8k responses
-# that is about 1 GB per sequence in bf16 (28 layers x 8 KV heads x 128 x 2 x 2 bytes per token),
-# 512-640 sequences over 8 GPUs: too much for one 80 GB node. Use two nodes
-# (examples/slurm/distill.sbatch) or fewer tokens (MAX_NEW_TOKENS=4096) on one.
+# Memory on 8 x 80 GB (tools/plan_memory.py, docs/PERFORMANCE.md): 32 rows in flight per GPU and
+# micro-batches of 18432 tokens (distill.sh's defaults) plan at 49.7 GiB per GPU with the
+# distributed optimizer, 160 rows of up to 17408 tokens per rank (guided rows: prompt, teacher
+# prefix and continuation); the largest that fit are 66 rows and 35264 tokens.
 set -euo pipefail
 HERE=$(dirname "${BASH_SOURCE[0]}")
 WORK=${WORK:-runs/qwen3-1.7b-from-8b}

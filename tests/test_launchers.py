@@ -139,6 +139,14 @@ def test_paper_recipe_commands(paths, monkeypatch):
     args = _trainer_args(distill, 8, monkeypatch)
     assert (args.student_load, args.teacher_load, args.save, args.method) == (
         "w/student", "w/teacher", "w/tropd", "tropd")
+    # the batch settings the memory plan says fit on 8 x 80 GiB (docs/PERFORMANCE.md)
+    from megatron_tropd import memory_plan
+
+    assert (args.rollout_batch_size, args.max_tokens_per_micro_batch, args.bf16,
+            args.use_distributed_optimizer) == (32, 18432, True, True)
+    plan = memory_plan.plan(memory_plan.config_from_args(
+        args, memory_plan.load_arch("qwen3-1.7b"), memory_plan.load_arch("qwen3-8b"), 8, 80))
+    assert plan.fits and plan.config.rows_per_rank == 160
     assert export[0] == "python" and export[1].endswith("tools/convert_checkpoint.py")
     parsed = tool._parse_args(export[2:])
     assert (parsed.command, parsed.megatron_dir, parsed.output_dir) == (
@@ -213,7 +221,8 @@ def test_slurm_starts_torchrun_on_every_node(fake_slurm, monkeypatch):
         --teacher-load {fake_slurm['TEACHER']} --tensor-model-parallel-size 2
         --pipeline-model-parallel-size 1 --use-distributed-optimizer --distill-method opd
         --samples-per-prompt 4 --max-new-tokens 8192 --temperature 1.0 --top-p 1.0
-        --teacher-topk 64 --train-iters 200 --prompts-per-iteration 96 --micro-batch-size 1
+        --teacher-topk 64 --rollout-batch-size 32 --train-iters 200 --prompts-per-iteration 96
+        --max-tokens-per-micro-batch 18432
         --lr 5e-6 --lr-warmup-iters 0 --lr-decay-style constant --weight-decay 0.1 --clip-grad 1.0
         --seed 1234 --prompts {fake_slurm['PROMPTS']} --prompt-template auto
         --max-prompt-length 1024 --save runs/opd --save-interval 20 --log-interval 1 --seed 7"""))
