@@ -2,8 +2,8 @@
 
 One spawn at TP=1 PP=1 builds the student and teacher and checks the engine (KV cache, continuous
 batching through fewer slots than rows, shared prefill, prefill budgets) against full recompute
-with megatron's forward, against today's layout (left-padded contexts under an explicit padding
-mask), a training-mode forward, stop ids and teacher prefixes; it computes the references (greedy
+with megatron's forward, against the layout before rows started at column 0 (left-padded contexts
+under an explicit padding mask), a training-mode forward, stop ids and teacher prefixes; it computes the references (greedy
 and sampled tokens, teacher signals from each row's full-vocabulary logits with plain torch). Each
 other layout is one spawn that loads the same weights (global state dict) and must reproduce them.
 """
@@ -102,7 +102,7 @@ def _guided_prefixes(greedy_batch):
 
 
 def _left_padded_generate(model, params, prefixes=None):
-    """Today's (before this layout) engine, as a reference: contexts left-padded to end at one
+    """The engine before rows started at column 0, as a reference: contexts left-padded to end at one
     column, megatron's forward of the whole batch at every step under an explicit causal + padding
     mask, draws keyed by (seed, sample id, response position). Returns each row's response."""
     from megatron_tropd.ops import vocab_parallel as vp
@@ -170,7 +170,7 @@ def check_engine_equals_recompute(ctx):
 
 
 def check_engine_equals_left_padded_layout(ctx):
-    """The same responses as today's left-padded engine (positions shift, so only rounding may
+    """The same responses as the former left-padded engine (positions shift, so only rounding may
     differ): greedy, sampled with stop ids, guided."""
     student = ctx["student"]
     prefixes = _guided_prefixes(ctx["greedy"])
