@@ -2,10 +2,11 @@
 
 One spawn at TP=1 PP=1 builds the student and teacher and checks the engine (KV cache, continuous
 batching through fewer slots than rows, shared prefill, prefill budgets) against full recompute
-with megatron's forward, against the layout before rows started at column 0 (left-padded contexts
-under an explicit padding mask), a training-mode forward, stop ids and teacher prefixes; it computes the references (greedy
-and sampled tokens, teacher signals from each row's full-vocabulary logits with plain torch). Each
-other layout is one spawn that loads the same weights (global state dict) and must reproduce them.
+with megatron's forward, against the layout before rows started at column 0 (left-padded
+contexts under an explicit padding mask), a training-mode forward, stop ids and teacher prefixes;
+it computes the references (greedy and sampled tokens, teacher signals from each row's
+full-vocabulary logits with plain torch). Each other layout is one spawn that loads the same
+weights (global state dict) and must reproduce them.
 """
 
 import dataclasses
