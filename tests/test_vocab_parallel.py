@@ -227,6 +227,49 @@ def check_bf16_inputs_match_fp32_math():
     torch.testing.assert_close(ours.double(), _ref_kl(_ref(s), _ref(t)).detach(), rtol=2e-2, atol=1e-2)
 
 
+def check_bf16_logits_give_float32_log_probs():
+    """From bf16 shards every log-prob, entropy and divergence comes back in float32, equal to a
+    float64 computation on the bf16-rounded logits to float32 precision (bf16 outputs would be
+    off by up to 2^-8 relative: -12.79 -> -12.81), and the gradients come back in bf16."""
+    from megatron_tropd.ops import vocab_parallel as vp
+
+    s, t = _full_logits(41).bfloat16(), _full_logits(42).bfloat16()
+    ids = torch.randint(0, VOCAB, SHAPE, generator=torch.Generator().manual_seed(4))
+    topk_ids = torch.randint(0, VOCAB, SHAPE + (6,), generator=torch.Generator().manual_seed(5))
+    lp_s, lp_t = (torch.log_softmax(_ref(x.float()), -1) for x in (s, t))
+    ps = lp_s.exp()
+    mix = torch.logaddexp(lp_s + math.log(0.5), lp_t + math.log(0.5))
+    cases = {
+        "token_log_probs": (lambda a, b: vp.token_log_probs(a, ids, VOCAB),
+                            lp_s.gather(-1, ids[..., None])[..., 0]),
+        "log_probs_at": (lambda a, b: vp.log_probs_at(a, topk_ids, VOCAB), lp_s.gather(-1, topk_ids)),
+        "entropy": (lambda a, b: vp.entropy(a, VOCAB), -(ps * lp_s).sum(-1)),
+        "kl_divergence": (lambda a, b: vp.kl_divergence(a, b, VOCAB), (ps * (lp_s - lp_t)).sum(-1)),
+        "jsd": (lambda a, b: vp.jsd(a, b, 0.5, VOCAB),
+                0.5 * (lp_t.exp() * (lp_t - mix)).sum(-1) + 0.5 * (ps * (lp_s - mix)).sum(-1)),
+    }
+    for name, (ours_fn, expected) in cases.items():
+        a, b = _local(s.float()).bfloat16().detach().requires_grad_(True), _local(t.float()).bfloat16()
+        ours = ours_fn(a, b)
+        assert ours.dtype == torch.float32, (name, ours.dtype)
+        torch.testing.assert_close(ours.double(), expected.detach(), rtol=1e-5, atol=1e-5,
+                                   msg=name)
+        ours.sum().backward()
+        assert a.grad.dtype == torch.bfloat16, name
+    _, rank, local = _layout()
+    n_valid = max(0, min(local, VOCAB - rank * local))
+    full = vp.log_softmax(_local(s.float()).bfloat16(), VOCAB)
+    assert full.dtype == torch.float32
+    torch.testing.assert_close(full[..., :n_valid].double(),
+                               lp_s[..., rank * local:rank * local + n_valid].detach(),
+                               rtol=1e-5, atol=1e-5)
+    lp, entropy = vp.token_log_probs_and_entropy(_local(s.float()).bfloat16(), ids, VOCAB)
+    topk_lp, _ = vp.topk_log_probs(_local(s.float()).bfloat16(), 4, VOCAB)
+    assert lp.dtype == entropy.dtype == topk_lp.dtype == torch.float32
+    torch.testing.assert_close(topk_lp.double(), lp_s.topk(4, dim=-1).values.detach(), rtol=1e-5,
+                               atol=1e-5)
+
+
 # --- sampling -------------------------------------------------------------------------------------
 
 N_DRAWS = 40000
@@ -308,6 +351,7 @@ CHECKS = [
     check_token_log_probs_and_entropy,
     check_reverse_kl_both_grads, check_forward_kl_both_grads, check_kl_student_grad_only,
     check_jsd, check_topk, check_topk_forward_kl, check_bf16_inputs_match_fp32_math,
+    check_bf16_logits_give_float32_log_probs,
     check_sampling_distribution, check_greedy_is_argmax, check_sampling_errors,
 ]
 
