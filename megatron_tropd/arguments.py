@@ -5,7 +5,8 @@ import argparse
 import dataclasses
 import os
 
-from megatron_tropd.distill.losses import (METHODS, OUTLIER_MODES, TRUST_REGIONS, DistillConfig)
+from megatron_tropd.distill.losses import (METHOD_DEFAULTS, METHODS, OUTLIER_MODES, TRUST_REGIONS,
+                                           DistillConfig)
 
 
 class ArgumentError(ValueError):
@@ -63,8 +64,9 @@ def _add_distill_args(parser):
                    help="distill: on-policy distillation; sft: next-token cross-entropy on "
                         "prompt+response data through the same loop")
     g.add_argument("--distill-method", dest="method", choices=METHODS, default=d.method)
-    g.add_argument("--ppo-clip", type=float, default=d.ppo_clip,
-                   help="PPO ratio clip epsilon of policy-gradient terms (eopd: 0.2); none if unset")
+    g.add_argument("--ppo-clip", type=_float_or_none, default=None,
+                   help="PPO ratio clip epsilon of policy-gradient terms; 'none' turns it off "
+                        "(default: the method's, 0.2 for eopd, none for the others)")
     g.add_argument("--trust-region", choices=TRUST_REGIONS, default=d.trust_region,
                    help="TrOPD trust test: stochastic acceptance M~Bernoulli(min(1, pi_T/pi_S_old)) "
                         "(the paper); deterministic lp_T-lp_S_old >= log(tau); kl: full-vocabulary "
@@ -181,9 +183,21 @@ def _add_logging_args(parser):
     g.add_argument("--tensorboard-dir", help="TensorBoard event files (default: <save>/tensorboard)")
 
 
+def _float_or_none(text: str):
+    return NO_VALUE if text.lower() == "none" else float(text)
+
+
+NO_VALUE = "none"  # a flag given as 'none': off, whatever the method's default
+
+
 def distill_config(args) -> DistillConfig:
-    """The loss hyper-parameters: the DistillConfig fields share the flags' names."""
-    return DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
+    """The loss hyper-parameters: the DistillConfig fields share the flags' names; a flag left
+    unset (None) takes the method's default (`losses.METHOD_DEFAULTS`)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)}
+    for name, value in METHOD_DEFAULTS.get(args.method, {}).items():
+        if values[name] is None:
+            values[name] = value
+    return DistillConfig(**{k: None if v == NO_VALUE else v for k, v in values.items()})
 
 
 def validate_args(args, world_size: int = 1):
@@ -234,8 +248,8 @@ def validate_args(args, world_size: int = 1):
         raise ArgumentError("--clip-lambda must be in (0, 1)")
     if not 0.0 <= args.jsd_beta <= 1.0:
         raise ArgumentError("--jsd-beta must be in [0, 1]")
-    if args.ppo_clip is not None and not 0.0 < args.ppo_clip < 1.0:
-        raise ArgumentError("--ppo-clip must be in (0, 1)")
+    if args.ppo_clip not in (None, NO_VALUE) and not 0.0 < args.ppo_clip < 1.0:
+        raise ArgumentError("--ppo-clip must be in (0, 1) or none")
     for name in ("reopold_fraction", "entropy_opd_fraction"):
         if not 0.0 < getattr(args, name) <= 1.0:
             raise ArgumentError(f"--{name.replace('_', '-')} must be in (0, 1]")

@@ -41,7 +41,7 @@ def test_good_flags_pass_and_give_the_data_parallel_size(files):
     (("--top-p", "1.5"), 1, "--top-p must be in (0, 1] and --top-k >= 0"),
     (("--clip-lambda", "1"), 1, "--clip-lambda must be in (0, 1)"),
     (("--jsd-beta", "2"), 1, "--jsd-beta must be in [0, 1]"),
-    (("--ppo-clip", "1.5"), 1, "--ppo-clip must be in (0, 1)"),
+    (("--ppo-clip", "1.5"), 1, "--ppo-clip must be in (0, 1) or none"),
     (("--distill-method", "eopd", "--eopd-topk", "100"), 1, "--eopd-topk 100 exceeds --teacher-topk 64"),
     (("--distill-method", "opd", "--prefix-source", "online"), 1,
      "--prefix-source (teacher-prefix guidance) is part of --distill-method tropd only"),
@@ -69,3 +69,18 @@ def test_missing_inputs(files):
                        "--teacher-load", str(files / "teacher")])
     with pytest.raises(ArgumentError, match="^--mode distill needs --prompts$"):
         validate_args(args)
+
+
+@pytest.mark.parametrize("method,flags,expected", [
+    ("eopd", (), 0.2),               # the EOPD paper's clip, without a flag
+    ("eopd", ("--ppo-clip", "0.3"), 0.3),
+    ("eopd", ("--ppo-clip", "none"), None),
+    ("opd", (), None),
+    ("opd", ("--ppo-clip", "0.1"), 0.1),
+])
+def test_method_defaults_apply_unless_a_flag_sets_them(files, method, flags, expected):
+    from megatron_tropd.arguments import distill_config
+
+    args = _args(files, "--distill-method", method, *flags)
+    validate_args(args)
+    assert distill_config(args).ppo_clip == expected

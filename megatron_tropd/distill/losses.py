@@ -26,13 +26,19 @@ TRUST_REGIONS = ("stochastic", "deterministic", "kl")
 OUTLIER_MODES = ("mask", "clip", "fkl")
 
 
+# Hyper-parameters that belong to a method: used unless a flag sets them (the EOPD paper trains
+# with PPO's clipped ratio, epsilon = 0.2).
+METHOD_DEFAULTS = {"eopd": dict(ppo_clip=0.2)}
+
+
 @dataclasses.dataclass
 class DistillConfig:
     """Hyper-parameters of every method, with the papers' defaults.
 
     Args:
         method: one of METHODS.
-        ppo_clip: PPO ratio clip ε for the policy-gradient terms (None: no clip; EOPD uses 0.2).
+        ppo_clip: PPO ratio clip ε for the policy-gradient terms (None: no clip); without the
+            flag, the method's default (`METHOD_DEFAULTS`: EOPD 0.2).
         trust_region: stochastic (M ~ Bernoulli(min(1, π_T/π_S_old)), the paper) | deterministic
             (M = 1[lp_T - lp_S_old >= log τ]) | kl (M = 1[KL(π_S||π_T)(x_<t) <= δ]).
         trust_tau, trust_kl_delta: τ and δ of the two ablation variants.
