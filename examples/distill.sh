@@ -5,7 +5,8 @@
 # prefix beta 0.001, grad clip 1.0; 8 GPUs at TP=2, bf16, TransformerEngine layer spec.
 #
 #   STUDENT=ckpt/student TEACHER=ckpt/teacher PROMPTS=prompts.jsonl bash examples/distill.sh
-#   METHOD=opd ... bash examples/distill.sh          # a baseline: opd eopd reopold jsd fkl entropy-opd
+#   METHOD=opd ... bash examples/distill.sh          # a baseline: opd eopd reopold reopold-2stage jsd
+#                                                    # fkl entropy-opd
 #   DRY_RUN=1 ... bash examples/distill.sh           # print the torchrun command instead
 #
 # STUDENT and TEACHER are Megatron checkpoints (examples/convert_hf_to_megatron.sh). Environment
@@ -46,7 +47,8 @@ case $METHOD in
       METHOD_ARGS+=(--prefix-source "${PREFIX_SOURCE:-online}")
     fi ;;
   eopd) METHOD_ARGS=(--ppo-clip 0.2 --eopd-entropy-threshold 0.8 --eopd-topk 16) ;;
-  reopold) METHOD_ARGS=(--reopold-fraction 0.5 --reopold-stage2-step $((TRAIN_ITERS / 2))) ;;
+  reopold) METHOD_ARGS=(--reopold-fraction 0.5) ;;
+  reopold-2stage) METHOD_ARGS=(--reopold-fraction 0.5 --reopold-stage2-step $((TRAIN_ITERS / 2))) ;;
   jsd) METHOD_ARGS=(--jsd-beta 0.5) ;;
   *) METHOD_ARGS=() ;;  # opd, fkl, entropy-opd: nothing beyond the defaults; others: the trainer says
 esac

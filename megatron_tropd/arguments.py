@@ -86,10 +86,12 @@ def _add_distill_args(parser):
                    help="weight of the beta*CE imitation term on teacher-prefix tokens")
     g.add_argument("--eopd-entropy-threshold", type=float, default=d.eopd_entropy_threshold)
     g.add_argument("--eopd-topk", type=int, default=d.eopd_topk)
-    g.add_argument("--reopold-fraction", type=float, default=d.reopold_fraction)
+    g.add_argument("--reopold-fraction", type=float, default=d.reopold_fraction,
+                   help="REOPOLD trains on this fraction of the tokens, those of highest student "
+                        "entropy (reopold-2stage: from --reopold-stage2-step on)")
     g.add_argument("--reopold-stage2-step", type=int, default=d.reopold_stage2_step,
-                   help="REOPOLD selects tokens by |clipped reward| before this step, by student "
-                        "entropy from it on")
+                   help="reopold-2stage: before this step every token whose reward is above the "
+                        "clip floor is trained on (exploration), from it the entropy selection")
     g.add_argument("--entropy-opd-fraction", type=float, default=d.entropy_opd_fraction)
     g.add_argument("--jsd-beta", type=float, default=d.jsd_beta,
                    help="GKD generalised JSD beta (0 forward KL, 1 reverse KL)")

@@ -50,6 +50,9 @@ class TokenRecord:
     teacher_entropy: Optional[torch.Tensor] = None      # float32, full-vocabulary H(π_T)
     uniform: Optional[torch.Tensor] = None              # float64 U(0,1) of the stochastic trust test
     selected: Optional[torch.Tensor] = None             # bool, REOPOLD / Entropy-OPD selection
+    counted: Optional[torch.Tensor] = None              # bool: the tokens the token-mean is
+    #                                                     over (None: every entry; REOPOLD: the
+    #                                                     selected ones)
     student_logprobs: Optional[torch.Tensor] = None     # lp_S, with grad
     student_topk_logprobs: Optional[torch.Tensor] = None  # [N, k] at the teacher's ids, with grad
     reverse_kl: Optional[torch.Tensor] = None           # full-vocabulary KL(π_S||π_T), no grad

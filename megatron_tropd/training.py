@@ -31,8 +31,7 @@ from megatron_tropd import arguments, checkpointing, faults, run_setup
 from megatron_tropd.distill import losses
 from megatron_tropd.distill.inputs import with_student_inputs
 from megatron_tropd.distill.teacher import score as teacher_score
-from megatron_tropd.distill.token_selection import (selection_fraction, selection_scores,
-                                                    top_fraction_mask)
+from megatron_tropd.distill.token_selection import counts_selected, select_tokens
 from megatron_tropd.initialize import (all_reduce_max, comm_device, initialize_distributed,
                                        print_rank_0)
 from megatron_tropd.models.forward import scored_logits
@@ -196,13 +195,21 @@ def distill_fields(args, run, batch, step):
                                 batch.record_positions())
         record.uniform = vp.uniform_from_keys(keys)
     if needs.selection:
-        scores = selection_scores(run.config, step, record.teacher_logprobs - record.old_logprobs,
-                                  record.student_entropy)
-        record.selected = top_fraction_mask(scores, record.on_policy,
-                                            selection_fraction(run.config),
-                                            parallel_state.get_data_parallel_group())
+        group = parallel_state.get_data_parallel_group()
+        record.selected = select_tokens(run.config, step, record, group)
+        # REOPOLD averages over its selected tokens; should no rank select any, over every token
+        # (the loss is zero then) rather than divide by zero
+        if counts_selected(run.config) and _any_over(record.selected, group):
+            record.counted = record.selected
     return {"entropy_teacher": (record.teacher_entropy[record.on_policy].sum(),
                                 record.on_policy.sum().float())}
+
+
+def _any_over(mask, group) -> bool:
+    """Whether `mask` holds a True on any rank of `group`."""
+    flag = mask.any().to(device=comm_device(), dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag)
 
 
 # --- SFT batches --------------------------------------------------------------------------------
@@ -315,7 +322,8 @@ def _loss(args, run, record: TokenRecord, logits):
     """Token-sum of the per-token loss of one micro-batch, its token count (megatron divides the
     gradients by the global count: token-mean over the global batch) and metric sums."""
     per_token, metrics = per_token_loss(args, run, record, logits)
-    n_tokens = torch.tensor(len(record), device=per_token.device)
+    n_tokens = (record.counted.sum() if record.counted is not None
+                else torch.tensor(len(record), device=per_token.device))
     loss = per_token.sum()
     metrics["loss"] = (loss.detach().float(), n_tokens.float())
     return loss, n_tokens.int(), {k: (torch.as_tensor(s).float(), torch.as_tensor(c).float())

@@ -74,7 +74,8 @@ METHODS = {  # METHOD -> what the papers set beyond --distill-method
                   prefix_source="online", prefix_anneal_steps=200),
     "opd": dict(method="opd", prefix_source="none", ppo_clip=None),
     "eopd": dict(method="eopd", ppo_clip=0.2, eopd_entropy_threshold=0.8, eopd_topk=16),
-    "reopold": dict(method="reopold", reopold_fraction=0.5, reopold_stage2_step=100),
+    "reopold": dict(method="reopold", reopold_fraction=0.5),
+    "reopold-2stage": dict(method="reopold-2stage", reopold_fraction=0.5, reopold_stage2_step=100),
     "jsd": dict(method="jsd", jsd_beta=0.5),
 }
 

@@ -26,6 +26,7 @@ CONFIGS = {
     "tropd_kl_region": DistillConfig(trust_region="kl"),  # δ set to the median KL below
     "eopd": DistillConfig(method="eopd", ppo_clip=0.2, eopd_entropy_threshold=4.5),
     "reopold": DistillConfig(method="reopold"),
+    "reopold_2stage": DistillConfig(method="reopold-2stage"),
     "entropy_opd": DistillConfig(method="entropy-opd"),
     "jsd": DistillConfig(method="jsd", jsd_beta=0.3),
     "fkl": DistillConfig(method="fkl"),
@@ -137,7 +138,7 @@ def _reference(config, d):
     elif m == "eopd":
         per = torch.where(on, pg(adv), zero) + \
             torch.where(on & (d["t_entropy"] > config.eopd_entropy_threshold), fkl(16), zero)
-    elif m == "reopold":
+    elif m in ("reopold", "reopold-2stage"):
         per = torch.where(on & d["selected"], pg(torch.clamp(adv, min=c)), zero)
     elif m == "entropy-opd":
         per = torch.where(on & d["selected"], pg(adv), zero)
@@ -274,3 +275,31 @@ def test_trusted_tokens_get_plain_opd_and_prefix_tokens_beta_ce():
     # token 0, 1 trusted (log ratio >= 0): -A; tokens 2, 3 prefix: -β
     torch.testing.assert_close(x.student_logprobs.grad,
                                torch.tensor([-0.5, -0.2, -0.001, -0.001], dtype=torch.float64))
+
+
+def test_reopold_and_entropy_opd_token_selection():
+    """Which on-policy tokens each method trains on (one process): REOPOLD the top half by the
+    student's entropy; REOPOLD 2-stage before its switch every token whose reward is above the clip
+    floor log(0.2/0.8) = -1.386 (no fraction), after it as REOPOLD; Entropy-OPD the top 20%.
+    Prefix tokens are never selected."""
+    from megatron_tropd.distill.token_selection import counts_selected, select_tokens
+
+    advantage = torch.tensor([-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.3, 1.0, -4.0, 0.2])
+    entropy = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6, 0.5, 5.0])
+    on_policy = torch.tensor([True] * 9 + [False])  # the last is a teacher-prefix token
+    record = TokenRecord(ids=torch.zeros(10, dtype=torch.long), on_policy=on_policy,
+                         old_logprobs=torch.zeros(10), teacher_logprobs=advantage,
+                         student_entropy=entropy)
+
+    def selected(method, step=0, **kw):
+        config = DistillConfig(method=method, reopold_stage2_step=5, **kw)
+        return select_tokens(config, step, record).nonzero().flatten().tolist()
+
+    top_half = [1, 3, 5, 7, 8]  # entropies 0.9, 0.8, 0.7, 0.6, 0.5 of the 9 on-policy tokens
+    assert selected("reopold") == selected("reopold", step=9) == top_half
+    assert selected("reopold-2stage", step=4) == [3, 4, 5, 6, 7]  # A > -1.386
+    assert selected("reopold-2stage", step=5) == top_half
+    assert selected("entropy-opd") == [1, 3]  # ceil(0.2 x 9) = 2
+    assert counts_selected(DistillConfig(method="reopold"))
+    assert counts_selected(DistillConfig(method="reopold-2stage"))
+    assert not counts_selected(DistillConfig(method="entropy-opd"))

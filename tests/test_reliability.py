@@ -70,7 +70,7 @@ CASES = {
     "unknown_method": Case(
         "an unknown --distill-method",
         "error: argument --distill-method: invalid choice: 'kd' (choose from 'opd', 'tropd', "
-        "'eopd', 'reopold', 'jsd', 'fkl', 'entropy-opd') (see --help)"),
+        "'eopd', 'reopold', 'reopold-2stage', 'jsd', 'fkl', 'entropy-opd') (see --help)"),
     "unknown_flag": Case(
         "an unknown flag",
         "error: unrecognized arguments: --lr-schedule cosine (see --help)"),

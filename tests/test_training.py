@@ -21,7 +21,8 @@ METHOD_RUNS = {
     "tropd_prefix_online": ("tropd", "--prefix-source", "online", "--prefix-anneal-steps", "4",
                             "--micro-batch-size", "3"),
     "eopd": ("eopd", "--ppo-clip", "0.2"),
-    "reopold": ("reopold", "--reopold-stage2-step", "1"),
+    "reopold": ("reopold",),
+    "reopold_2stage": ("reopold-2stage", "--reopold-stage2-step", "1"),
     "entropy_opd": ("entropy-opd",),
     "jsd": ("jsd",),
     "fkl": ("fkl",),
@@ -202,16 +203,17 @@ def _reference_iteration(root, method, flags, batch):
             args.seed + training._TRUST_SEED_OFFSET, batch.record_sample_ids(),
             batch.record_positions()))
     if needs.selection:
-        if method == "reopold":  # stage 1 at step 0 (stage 2 starts later in these runs)
-            scores = (x.teacher_logprobs - x.old_logprobs).clamp(min=config.clip_floor).abs()
-            fraction = config.reopold_fraction
-        else:
-            scores, fraction = x.student_entropy, config.entropy_opd_fraction
-        kept = scores[x.on_policy].sort(descending=True).values
-        threshold = kept[math.ceil(fraction * len(kept)) - 1]
-        x.selected = x.on_policy & (scores >= threshold)
+        if method == "reopold-2stage":  # its exploration stage at step 0: rewards above the floor
+            x.selected = x.on_policy & (x.teacher_logprobs - x.old_logprobs > config.clip_floor)
+        else:  # the top fraction by the student's entropy
+            fraction = (config.entropy_opd_fraction if method == "entropy-opd"
+                        else config.reopold_fraction)
+            kept = x.student_entropy[x.on_policy].sort(descending=True).values
+            threshold = kept[math.ceil(fraction * len(kept)) - 1]
+            x.selected = x.on_policy & (x.student_entropy >= threshold)
     per_token = losses.compute_loss(x, config).per_token
-    loss = per_token.sum() / len(per_token)
+    # REOPOLD's objective is the mean over its selected tokens, the others' over every token
+    loss = per_token.sum() / (x.selected.sum() if method.startswith("reopold") else len(per_token))
     loss.backward()
     return dict(per_token=per_token.detach(), loss=loss.item(),
                 grads=global_state_dict(student, vocab, grads=True))

@@ -37,6 +37,7 @@ METHODS = {
     "jsd": ["--distill-method", "jsd"],
     "eopd": ["--distill-method", "eopd", "--eopd-topk", "8"],  # the same top-8 as every top-k term
     "reopold": ["--distill-method", "reopold"],
+    "reopold-2stage": ["--distill-method", "reopold-2stage"],
     "tropd-mask": ["--distill-method", "tropd", "--outlier-mode", "mask"],
     "tropd-clip": ["--distill-method", "tropd", "--outlier-mode", "clip"],
     "tropd-fkl": ["--distill-method", "tropd", "--outlier-mode", "fkl"],
@@ -95,7 +96,8 @@ def train_args(method, seed, args, data, student, teacher, save):
         "--teacher-load", teacher, "--prompts", data["train_prompts"], "--teacher-topk", "8",
         "--prompts-per-iteration", str(args.prompts_per_iteration),
         "--samples-per-prompt", str(args.samples_per_prompt), "--micro-batch-size", str(rows),
-        "--prefix-anneal-steps", str(max(1, args.iters // 2))]
+        "--prefix-anneal-steps", str(max(1, args.iters // 2)),
+        "--reopold-stage2-step", str(max(1, args.iters // 2))]
 
 
 def evaluate(load, args, data, out):

@@ -21,7 +21,7 @@ import torch
 from megatron_tropd.ops.vocab_parallel import topk_forward_kl_terms
 from megatron_tropd.tokens import TokenRecord
 
-METHODS = ("opd", "tropd", "eopd", "reopold", "jsd", "fkl", "entropy-opd")
+METHODS = ("opd", "tropd", "eopd", "reopold", "reopold-2stage", "jsd", "fkl", "entropy-opd")
 TRUST_REGIONS = ("stochastic", "deterministic", "kl")
 OUTLIER_MODES = ("mask", "clip", "fkl")
 
@@ -50,8 +50,9 @@ class DistillConfig:
         clip_lambda: λ of the clipped advantage max(A, log(λ/(1-λ))) (TrOPD clip mode, REOPOLD).
         prefix_beta: β of the imitation term β·CE on teacher-prefix tokens.
         eopd_entropy_threshold, eopd_topk: EOPD adds a top-k FKL where H(π_T) exceeds the threshold.
-        reopold_fraction: fraction of tokens REOPOLD trains on; reopold_stage2_step: from this step on
-            tokens are selected by student entropy, before it by |clipped reward|.
+        reopold_fraction: fraction of the highest-student-entropy tokens REOPOLD trains on;
+            reopold_stage2_step: reopold-2stage's switch from its exploration stage (every token
+            whose reward is above the clip floor) to that selection.
         entropy_opd_fraction: fraction of highest-entropy tokens Entropy-OPD trains on.
         jsd_beta: β of GKD's generalised JSD (0 forward KL, 1 reverse KL).
     """
@@ -97,7 +98,7 @@ class Needs:
     jsd: bool = False             # full-vocabulary JSD against the teacher's log-prob shard
     reverse_kl: bool = False      # full-vocabulary KL(π_S||π_T) per position (KL trust region)
     uniform: bool = False
-    selection: Optional[str] = None  # "reopold" | "entropy": the trainer precomputes `selected`
+    selection: bool = False       # the trainer precomputes `selected` (token_selection)
 
     @property
     def teacher_full(self) -> bool:
@@ -238,7 +239,8 @@ def eopd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
 
 def reopold_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """REOPOLD: clipped reward max(sg(lp_T - lp_S_old), log(λ/(1-λ))) as the advantage, on the
-    selected tokens only (`selected`, precomputed over the global batch by `token_selection`)."""
+    selected tokens only (`selected`, chosen over the global batch by `token_selection`; the
+    trainer averages over them)."""
     metrics = _Metrics()
     _common_metrics(x, metrics)
     trained = x.on_policy & x.selected
@@ -279,7 +281,8 @@ def fkl_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
 
 LOSSES: Dict[str, Callable[[TokenRecord, DistillConfig], LossOutput]] = {
     "opd": opd_loss, "tropd": tropd_loss, "eopd": eopd_loss, "reopold": reopold_loss,
-    "jsd": jsd_loss, "fkl": fkl_loss, "entropy-opd": entropy_opd_loss,
+    "reopold-2stage": reopold_loss, "jsd": jsd_loss, "fkl": fkl_loss,
+    "entropy-opd": entropy_opd_loss,
 }
 
 
@@ -293,8 +296,9 @@ def needs(config: DistillConfig) -> Needs:
     return {
         "opd": Needs(),
         "eopd": Needs(topk=True, teacher_entropy=True),
-        "reopold": Needs(selection="reopold"),
-        "entropy-opd": Needs(selection="entropy"),
+        "reopold": Needs(selection=True),
+        "reopold-2stage": Needs(selection=True),
+        "entropy-opd": Needs(selection=True),
         "jsd": Needs(jsd=True),
         "fkl": Needs(topk=True),
     }[m]

@@ -1,10 +1,14 @@
-"""Token selection of REOPOLD and Entropy-OPD: train on a fraction of the tokens, ranked over the
-whole global batch (every data-parallel rank), so the choice does not depend on how the batch is
-split into micro-batches or ranks.
+"""Token selection of REOPOLD and Entropy-OPD: which on-policy tokens get the loss, decided over
+the whole global batch (every data-parallel rank), so the choice does not depend on how the batch
+is split into micro-batches or ranks.
 
-REOPOLD's two stages (our reading of arXiv 2603.11137, documented in docs/METHODS.md): before
-`reopold_stage2_step` tokens are ranked by the magnitude of their clipped reward |max(A, c)| (near-
-zero credit is redundant), from then on by the student's entropy. Entropy-OPD ranks by entropy.
+- `entropy-opd` and `reopold`, and `reopold-2stage` from `--reopold-stage2-step` on (refinement):
+  the top fraction of tokens by the student's entropy at sampling (token-level dynamic sampling).
+- `reopold-2stage` before it (exploration): every token whose reward `A = lp_T - lp_S_old` is
+  above the clip floor `c = log(l / (1 - l))`, no fraction.
+
+REOPOLD averages its loss over the selected tokens (`counts_selected`), Entropy-OPD over every
+response token. Our reading of the REOPOLD paper (arXiv 2603.11137) is in docs/METHODS.md.
 """
 
 import math
@@ -13,17 +17,23 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd.distill.losses import DistillConfig
+from megatron_tropd.tokens import TokenRecord
 
 
-def selection_scores(config: DistillConfig, step: int, advantage, student_entropy):
-    """The per-token score a method ranks by (higher is kept)."""
-    if config.method == "reopold" and step < config.reopold_stage2_step:
-        return advantage.clamp(min=config.clip_floor).abs()
-    return student_entropy
+def counts_selected(config: DistillConfig) -> bool:
+    """Whether the method's token-mean is over the selected tokens (REOPOLD's objective)."""
+    return config.method in ("reopold", "reopold-2stage")
 
 
-def selection_fraction(config: DistillConfig) -> float:
-    return config.reopold_fraction if config.method == "reopold" else config.entropy_opd_fraction
+def select_tokens(config: DistillConfig, step: int, record: TokenRecord, group=None):
+    """`[N]` bool: the on-policy tokens `config.method` trains on at `step` (`group`: the
+    data-parallel group the ranking spans, None for this process only)."""
+    if config.method == "reopold-2stage" and step < config.reopold_stage2_step:
+        advantage = record.teacher_logprobs - record.old_logprobs
+        return record.on_policy & (advantage > config.clip_floor)
+    fraction = config.entropy_opd_fraction if config.method == "entropy-opd" else \
+        config.reopold_fraction
+    return top_fraction_mask(record.student_entropy, record.on_policy, fraction, group)
 
 
 def top_fraction_mask(scores, mask, fraction: float, group=None):
