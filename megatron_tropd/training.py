@@ -142,7 +142,7 @@ def rollouts(args, run, step):
     local = len(prompts)
     first_prompt = global_position + run.dp_rank * local
     row_prompts, prefixes = [], []
-    responses = run.teacher_responses(prompts, indices) if _prefix_rows(args) else None
+    responses = run.teacher_responses(prompts, first_prompt) if _prefix_rows(args) else None
     for i, prompt in enumerate(prompts):
         row_prompts += [prompt] * rows_per_prompt
         prefixes += [[]] * args.samples_per_prompt

@@ -253,8 +253,12 @@ def _micro_batch_runs(root):
 
 
 def _dp2_run(root):
+    import torch.distributed as dist
+
     run = _train(root, "--micro-batch-size", "2", iters=1)
-    return _losses(run), _grads(run)
+    rank = dist.get_rank()
+    return _losses(run), _grads(run), _online_teacher_responses(root, 2 * rank, 2 * rank + 2,
+                                                                2 * rank), _trust_draws(root)
 
 
 def _learning(root, method):
@@ -290,11 +294,65 @@ def _heldout_reverse_kl(run, root):
     return torch.cat(kls).mean().item()
 
 
+def _online_teacher_responses(root, first, last, offset):
+    """Online teacher responses of prompts `first..last-1` keyed at global index `offset`, from a
+    randomly initialised teacher (the toy teacher is too peaked for its samples to show their
+    keys)."""
+    import json
+
+    from megatron_tropd import run_setup
+    from megatron_tropd.initialize import set_seed
+
+    config = os.path.join(root, "random_teacher.json")
+    if not os.path.exists(config):
+        with open(config + f".{os.getpid()}", "w") as f:
+            json.dump(dataclasses.asdict(toy_setup.TEACHER), f)
+        os.replace(config + f".{os.getpid()}", config)
+    set_seed(5)  # the same random weights whatever this process ran before
+    run = run_setup.setup_run(_args(root, "--prefix-source", "online", "--teacher-load", "",
+                                    "--teacher-config", config, iters=1))
+    prompts = [run.prompts[i].prompt_ids for i in range(first, last)]
+    return run.teacher_responses(prompts, offset)
+
+
+def _trust_draws(root):
+    """One tropd iteration on four prompts of different lengths (so the data-parallel ranks'
+    longest contexts differ): the trust test's uniform of every on-policy token of this rank, by
+    (sample id, position in the response)."""
+    import json
+
+    from megatron_tropd import training
+
+    path = os.path.join(root, "uneven_prompts.jsonl")
+    if not os.path.exists(path):
+        with open(path + f".{os.getpid()}", "w") as f:
+            for q in ("Q:1+2=", "Q:12+34=", "Q:12+345=", "Q:9+9+99+8="):
+                f.write(json.dumps({"prompt": q}) + "\n")
+        os.replace(path + f".{os.getpid()}", path)
+    draws, original = {}, training.distill_fields
+
+    def distill_fields(args, run, batch, step):
+        metrics = original(args, run, batch, step)
+        keys = zip(batch.record_sample_ids().tolist(), batch.record_positions().tolist())
+        draws.update({k: u for k, u in zip(keys, batch.record.uniform.tolist())})
+        return metrics
+
+    training.distill_fields = distill_fields
+    try:
+        _train(root, "--prompts", path, "--micro-batch-size", "2", iters=1)
+    finally:
+        training.distill_fields = original
+    return draws
+
+
 def _tp1_worker(root):
     exact = _exact_runs(root)
     return dict(layout=_layout_losses(root), micro=_micro_batch_runs(root),
                 learning={m: _learning(root, m) for m in ("opd", "tropd")},
-                exact=exact, references=_references(root, exact))
+                exact=exact, references=_references(root, exact),
+                teacher_responses={offset: _online_teacher_responses(root, 0, 4, offset)
+                                   for offset in (0, 4)},
+                trust_draws=_trust_draws(root))
 
 
 def _tp2_worker(root, resume_dir):
@@ -423,9 +481,32 @@ def test_micro_batches_do_not_change_loss_or_gradients(tp1, split, count):
     _assert_grads_close(grads, grads8)
 
 
-def test_data_parallel_does_not_change_loss_or_gradients(toy, tp1):
-    ranks = run_distributed(_dp2_run, world_size=2, args=(toy,))
-    loss, grads = ranks[-1]
+@pytest.fixture(scope="module")
+def dp2(toy):
+    return run_distributed(_dp2_run, world_size=2, args=(toy,))
+
+
+def test_online_teacher_responses_are_keyed_by_global_prompt(tp1, dp2):
+    """The teacher's online responses are keyed by the global prompt index: the same prompts
+    drawn at another position (a later iteration) get other responses, and two data-parallel
+    ranks together give what one rank gives for the same global prompts."""
+    responses = tp1["teacher_responses"]
+    assert all(r != s for r, s in zip(responses[0], responses[4]))
+    assert dp2[0][2] + dp2[1][2] == responses[0]
+
+
+def test_trust_draws_do_not_depend_on_the_data_parallel_size(tp1, dp2):
+    """Each token's trust-test uniform is keyed by (sample id, position in the response): DP=1
+    and DP=2 give every token the same draw, although the ranks' contexts differ in length (the
+    former column keys moved with the longest context on the rank)."""
+    whole = tp1["trust_draws"]
+    split = {**dp2[0][3], **dp2[1][3]}
+    assert len(whole) > 20 and split == whole
+
+
+def test_data_parallel_does_not_change_loss_or_gradients(tp1, dp2):
+    ranks = dp2
+    loss, grads = ranks[-1][:2]
     loss8, grads8, _ = tp1["micro"]["8"]
     assert abs(loss[0] - loss8[0]) <= 1e-6 * max(1.0, abs(loss8[0]))
     _assert_grads_close(grads, grads8)

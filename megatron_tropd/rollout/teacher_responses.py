@@ -18,13 +18,16 @@ from megatron_tropd.rollout.generate import SamplingParams, generate
 
 
 def online_teacher_responses(teacher, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                             vocab_size: int, sample_offset: int = 0) -> List[List[int]]:
+                             vocab_size: int, sample_offset: int = 0,
+                             **engine) -> List[List[int]]:
     """One teacher response per prompt, sampled by the teacher model (collective over the
-    model-parallel group, like `generate`)."""
+    model-parallel group, like `generate`; `engine`: its rollout batch size and prefill budget).
+    `sample_offset`: the global index of the first prompt, the key of its draws."""
     if params.n_samples != 1:
         raise ValueError(f"one teacher response per prompt: n_samples must be 1, "
                          f"got {params.n_samples}")
-    return generate(teacher, prompts, params, vocab_size, sample_offset=sample_offset).responses()
+    return generate(teacher, prompts, params, vocab_size, sample_offset=sample_offset,
+                    **engine).responses()
 
 
 def write_teacher_responses(path: str, records: Sequence[dict]):
