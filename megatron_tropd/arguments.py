@@ -95,6 +95,10 @@ def _add_distill_args(parser):
     g.add_argument("--entropy-opd-fraction", type=float, default=d.entropy_opd_fraction)
     g.add_argument("--jsd-beta", type=float, default=d.jsd_beta,
                    help="GKD generalised JSD beta (0 forward KL, 1 reverse KL)")
+    g.add_argument("--importance-ratio-cap", type=float, default=None,
+                   help="truncate the importance ratio exp(lp_S - lp_S_old) of the policy-"
+                        "gradient terms at this value (token-level truncated IS; >= 1); off if "
+                        "unset")
 
 
 def _add_rollout_args(parser):
@@ -106,6 +110,11 @@ def _add_rollout_args(parser):
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k truncation")
     g.add_argument("--stop-ids", type=int, nargs="*", default=None,
                    help="token ids that end a response (the tokenizer's EOS is always one)")
+    g.add_argument("--recompute-old-logprobs", choices=("auto", "on", "off"), default="auto",
+                   help="recompute lp_S_old with a forward-only pass of the training model "
+                        "before the update, so the first ratio is exactly 1 (the decode path "
+                        "rounds differently in bf16 and with TransformerEngine); auto: on with "
+                        "--bf16 or --transformer-engine")
     g.add_argument("--rollout-batch-size", type=int, default=64,
                    help="rows decoded at once per rank (the KV cache holds this many): a row that "
                         "ends frees its slot for the next (continuous batching)")
@@ -252,6 +261,8 @@ def validate_args(args, world_size: int = 1):
         raise ArgumentError("--jsd-beta must be in [0, 1]")
     if args.ppo_clip not in (None, NO_VALUE) and not 0.0 < args.ppo_clip < 1.0:
         raise ArgumentError("--ppo-clip must be in (0, 1) or none")
+    if args.importance_ratio_cap is not None and not args.importance_ratio_cap >= 1.0:
+        raise ArgumentError("--importance-ratio-cap must be >= 1 (the on-policy ratio is 1)")
     for name in ("reopold_fraction", "entropy_opd_fraction"):
         if not 0.0 < getattr(args, name) <= 1.0:
             raise ArgumentError(f"--{name.replace('_', '-')} must be in (0, 1]")
@@ -279,6 +290,13 @@ def validate_args(args, world_size: int = 1):
     if args.bf16 and not _cuda_available():
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
     return dp
+
+
+def recomputes_old_logprobs(args) -> bool:
+    """Whether lp_S_old is recomputed by the training model before the update."""
+    if args.recompute_old_logprobs == "auto":
+        return args.bf16 or args.transformer_engine
+    return args.recompute_old_logprobs == "on"
 
 
 def set_micro_batch_default(args):

@@ -12,6 +12,7 @@ One distillation iteration on every data-parallel rank:
   -> student rollouts (KV cache, vocabulary-parallel sampling)      -> tokens, lp_S_old
   -> micro-batches by length (row count, token budget)
   -> teacher scoring (frozen, forward-only)                         -> lp_T, top-k, entropy
+  -> [lp_S_old recomputed by the training model, forward-only]      (bf16, TransformerEngine)
   -> token selection over the global batch (REOPOLD, Entropy-OPD)
   -> epochs x [forward_backward over micro-batches (the teacher's logits alongside for JSD and
                the KL trust region), token-mean loss over the global batch, finalize grads
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from megatron_tropd import arguments, checkpointing, faults, run_setup
 from megatron_tropd.distill import losses
 from megatron_tropd.distill.inputs import with_student_inputs
+from megatron_tropd.distill.scoring import recompute_old_logprobs
 from megatron_tropd.distill.teacher import score as teacher_score
 from megatron_tropd.distill.token_selection import counts_selected, select_tokens
 from megatron_tropd.initialize import (all_reduce_max, comm_device, initialize_distributed,
@@ -101,6 +103,9 @@ def train(args):
                 micro_batches = micro_batches_of(args, run, batch)
                 timed(timings, "teacher", teacher_score, run.teacher, batch, micro_batches,
                       run.vocab_size, args.teacher_topk if run.needs.topk else 0)
+                if arguments.recomputes_old_logprobs(args):
+                    timed(timings, "recompute", recompute_old_logprobs, run.model, batch,
+                          micro_batches, run.vocab_size)
                 batch_metrics.update(distill_fields(args, run, batch, step))
             totals, grad_norm = timed(timings, "train", update, args, run, batch, micro_batches)
             run.iteration += 1

@@ -303,3 +303,18 @@ def test_reopold_and_entropy_opd_token_selection():
     assert counts_selected(DistillConfig(method="reopold"))
     assert counts_selected(DistillConfig(method="reopold-2stage"))
     assert not counts_selected(DistillConfig(method="entropy-opd"))
+
+
+def test_importance_ratio_cap_truncates_value_and_gradient():
+    """With --importance-ratio-cap C the policy gradient uses min(ratio, C): above the cap the
+    value is -A C and the gradient -A C (not -A ratio); below it nothing changes."""
+    log_ratio = torch.tensor([0.5, -0.5], dtype=torch.float64)  # ratios 1.649 and 0.607
+    student = torch.full((2,), -2.0, dtype=torch.float64, requires_grad=True)
+    x = TokenRecord(ids=torch.zeros(2, dtype=torch.long), student_logprobs=student,
+                    old_logprobs=student.detach() - log_ratio,
+                    teacher_logprobs=student.detach() - log_ratio + 1.0,  # A = 1
+                    on_policy=torch.ones(2, dtype=torch.bool))
+    out = _grads(DistillConfig(method="opd", importance_ratio_cap=1.2), x)
+    expected = -torch.tensor([1.2, math.exp(-0.5)], dtype=torch.float64)
+    torch.testing.assert_close(out.per_token.detach(), expected)
+    torch.testing.assert_close(student.grad, expected)

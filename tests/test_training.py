@@ -345,6 +345,21 @@ def _trust_draws(root):
     return draws
 
 
+def _bf16_first_ratios(root):
+    """The first epoch's mean importance ratio of a bf16 run (on this CPU, validation's GPU
+    requirement for --bf16 lifted), with lp_S_old recomputed (the default with --bf16) and as
+    sampled."""
+    from megatron_tropd import arguments
+
+    original = arguments._cuda_available
+    arguments._cuda_available = lambda: True
+    try:
+        return {flag: _train(root, "--bf16", "--recompute-old-logprobs", flag,
+                             iters=1).history[0]["ratio"] for flag in ("auto", "off")}
+    finally:
+        arguments._cuda_available = original
+
+
 def _tp1_worker(root):
     exact = _exact_runs(root)
     return dict(layout=_layout_losses(root), micro=_micro_batch_runs(root),
@@ -352,7 +367,7 @@ def _tp1_worker(root):
                 exact=exact, references=_references(root, exact),
                 teacher_responses={offset: _online_teacher_responses(root, 0, 4, offset)
                                    for offset in (0, 4)},
-                trust_draws=_trust_draws(root))
+                trust_draws=_trust_draws(root), bf16_ratios=_bf16_first_ratios(root))
 
 
 def _tp2_worker(root, resume_dir):
@@ -493,6 +508,14 @@ def test_online_teacher_responses_are_keyed_by_global_prompt(tp1, dp2):
     responses = tp1["teacher_responses"]
     assert all(r != s for r, s in zip(responses[0], responses[4]))
     assert dp2[0][2] + dp2[1][2] == responses[0]
+
+
+def test_bf16_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tp1):
+    """In bf16 the sampler's lp_S_old (the decode path) differs from the training forward's
+    lp_S, so the first ratio is not 1; recomputed by the training model it is exactly 1."""
+    ratios = tp1["bf16_ratios"]
+    assert ratios["auto"] == 1.0
+    assert ratios["off"] != 1.0 and abs(ratios["off"] - 1.0) < 0.05
 
 
 def test_trust_draws_do_not_depend_on_the_data_parallel_size(tp1, dp2):

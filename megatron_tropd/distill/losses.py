@@ -55,6 +55,9 @@ class DistillConfig:
             whose reward is above the clip floor) to that selection.
         entropy_opd_fraction: fraction of highest-entropy tokens Entropy-OPD trains on.
         jsd_beta: β of GKD's generalised JSD (0 forward KL, 1 reverse KL).
+        importance_ratio_cap: C of a truncated importance weight: the policy-gradient terms use
+            min(ratio, C), with the gradient of C · lp_S above the cap (token-level truncated IS,
+            as verl's and NeMo-RL's); None: the plain ratio.
     """
 
     method: str = "tropd"
@@ -73,6 +76,7 @@ class DistillConfig:
     reopold_stage2_step: int = 100
     entropy_opd_fraction: float = 0.2
     jsd_beta: float = 0.5
+    importance_ratio_cap: Optional[float] = None
 
     @property
     def clip_floor(self) -> float:
@@ -109,10 +113,14 @@ class Needs:
 # --- shared pieces ----------------------------------------------------------------------------------
 
 
-def policy_gradient(advantage, x: TokenRecord, ppo_clip: Optional[float]):
-    """-sg(A) · ratio, PPO-clipped when `ppo_clip` (equals -A · lp_S in gradient on-policy)."""
+def policy_gradient(advantage, x: TokenRecord, config: DistillConfig):
+    """-sg(A) · ratio, PPO-clipped when `config.ppo_clip` (equals -A · lp_S in gradient
+    on-policy); the ratio truncated at `config.importance_ratio_cap` first."""
     advantage = advantage.detach()
     ratio = torch.exp(x.student_logprobs - x.old_logprobs.detach())
+    if config.importance_ratio_cap is not None:  # value min(r, C), gradient min(r, C) ∇lp_S
+        ratio = ratio * (ratio.clamp(max=config.importance_ratio_cap) / ratio).detach()
+    ppo_clip = config.ppo_clip
     loss = -advantage * ratio
     if ppo_clip is not None:
         clipped = torch.clamp(ratio, 1.0 - ppo_clip, 1.0 + ppo_clip)
@@ -166,7 +174,7 @@ def opd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """Plain OPD: L = -sg(A) · exp(lp_S - lp_S_old) on every on-policy token, A = lp_T - lp_S_old."""
     metrics = _Metrics()
     _common_metrics(x, metrics)
-    loss = _masked(policy_gradient(k1_advantage(x), x, config.ppo_clip), x.on_policy)
+    loss = _masked(policy_gradient(k1_advantage(x), x, config), x.on_policy)
     metrics.add("loss_on_policy", loss, x.on_policy)
     return LossOutput(loss, metrics)
 
@@ -200,13 +208,13 @@ def tropd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     trusted = x.on_policy & trust_mask(x, config)
     outlier = x.on_policy & ~trusted
 
-    loss_trusted = policy_gradient(advantage, x, config.ppo_clip)
+    loss_trusted = policy_gradient(advantage, x, config)
     if config.outlier_mode == "mask":
         loss_outlier = torch.zeros_like(loss_trusted)
     elif config.outlier_mode == "clip":
-        loss_outlier = policy_gradient(advantage.clamp(min=config.clip_floor), x, config.ppo_clip)
+        loss_outlier = policy_gradient(advantage.clamp(min=config.clip_floor), x, config)
     elif config.fkl_code_faithful:
-        loss_outlier = policy_gradient(-topk_fkl(x, config).detach(), x, config.ppo_clip)
+        loss_outlier = policy_gradient(-topk_fkl(x, config).detach(), x, config)
     else:
         loss_outlier = topk_fkl(x, config)
     loss_prefix = -config.prefix_beta * x.student_logprobs
@@ -229,7 +237,7 @@ def eopd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     metrics = _Metrics()
     _common_metrics(x, metrics)
     uncertain = x.on_policy & (x.teacher_entropy > config.eopd_entropy_threshold)
-    loss_pg = policy_gradient(k1_advantage(x), x, config.ppo_clip)
+    loss_pg = policy_gradient(k1_advantage(x), x, config)
     loss_fkl = topk_fkl(x, config, config.eopd_topk)
     loss = _masked(loss_pg, x.on_policy) + _masked(loss_fkl, uncertain)
     metrics.add("high_teacher_entropy_fraction", uncertain.float(), x.on_policy)
@@ -245,7 +253,7 @@ def reopold_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     _common_metrics(x, metrics)
     trained = x.on_policy & x.selected
     advantage = k1_advantage(x).clamp(min=config.clip_floor)
-    loss = _masked(policy_gradient(advantage, x, config.ppo_clip), trained)
+    loss = _masked(policy_gradient(advantage, x, config), trained)
     metrics.add("selected_fraction", trained.float(), x.on_policy)
     metrics.add("clipped_reward_fraction", (k1_advantage(x) < config.clip_floor).float(), x.on_policy)
     return LossOutput(loss, metrics)
@@ -256,7 +264,7 @@ def entropy_opd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     metrics = _Metrics()
     _common_metrics(x, metrics)
     trained = x.on_policy & x.selected
-    loss = _masked(policy_gradient(k1_advantage(x), x, config.ppo_clip), trained)
+    loss = _masked(policy_gradient(k1_advantage(x), x, config), trained)
     metrics.add("selected_fraction", trained.float(), x.on_policy)
     return LossOutput(loss, metrics)
 
