@@ -4,6 +4,7 @@ holding every cross-flag check (each failure is a one-line `ArgumentError`)."""
 import argparse
 import dataclasses
 import os
+import sys
 
 from megatron_tropd.distill.losses import (METHOD_DEFAULTS, METHODS, OUTLIER_MODES, TRUST_REGIONS,
                                            DistillConfig)
@@ -289,7 +290,25 @@ def validate_args(args, world_size: int = 1):
         raise ArgumentError("--max-nonfinite-steps must be >= 1")
     if args.bf16 and not _cuda_available():
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
+    _warn_about_sampling(args)
     return dp
+
+
+# Methods whose loss reads lp_S_old as the probability of the sampled token (ratio, trust test).
+RATIO_METHODS = ("opd", "tropd", "eopd", "reopold", "reopold-2stage", "entropy-opd")
+
+
+def _warn_about_sampling(args):
+    """One line on stderr (rank 0) when the sampler is not the student's own distribution."""
+    changed = [f"--{flag.replace('_', '-')} {getattr(args, flag)}"
+               for flag, plain in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0))
+               if getattr(args, flag) != plain]
+    if args.mode == "distill" and args.method in RATIO_METHODS and changed and \
+            os.environ.get("RANK", "0") == "0":
+        print(f"warning: {', '.join(changed)}: samples no longer come from the distribution "
+              f"lp_S_old describes (the untempered, untruncated student), so the importance "
+              f"ratio and TrOPD's trust test (the speculative-decoding acceptance test) are off "
+              f"by that difference", file=sys.stderr, flush=True)
 
 
 def recomputes_old_logprobs(args) -> bool:

@@ -84,3 +84,20 @@ def test_method_defaults_apply_unless_a_flag_sets_them(files, method, flags, exp
     args = _args(files, "--distill-method", method, *flags)
     validate_args(args)
     assert distill_config(args).ppo_clip == expected
+
+
+@pytest.mark.parametrize("method,flags,warned", [
+    ("tropd", ("--temperature", "0.7"), True),
+    ("opd", ("--top-p", "0.9", "--top-k", "20"), True),
+    ("tropd", (), False),
+    ("jsd", ("--temperature", "0.7"), False),  # no ratio, no trust test
+])
+def test_sampling_settings_the_ratio_methods_assume(files, capsys, method, flags, warned):
+    validate_args(_args(files, "--distill-method", method, *flags))
+    err = capsys.readouterr().err
+    if warned:
+        assert err.count("\n") == 1 and err.startswith("warning: ") and "lp_S_old" in err
+        for flag in flags[::2]:
+            assert flag in err
+    else:
+        assert err == ""
