@@ -165,10 +165,15 @@ def _is_int(value) -> bool:
 
 
 def load_teacher_responses(path, vocab_size: Optional[int] = None) -> dict:
-    """Teacher responses keyed by the tuple of their prompt's token ids, from the JSONL file
-    tools/generate_teacher_responses.py writes: `{"prompt_ids": [...], "response_ids": [...]}` per
-    line (its `prompt` / `response` texts are for reading and are ignored). Keying by prompt ids
-    makes the file independent of the order and sharding of the training prompts."""
+    """Teacher responses keyed by the tuple of their prompt's token ids, from the JSONL file of
+    `--teacher-responses`, the one place its format is defined: one object per line,
+
+        {"prompt_ids": [1, 2, 3], "response_ids": [7, 8, 2], "prompt": "...", "response": "..."}
+
+    ids of the student's tokenizer, the response ending in its stop id if it has one;
+    `prompt` and `response` texts (tools/generate_teacher_responses.py writes them) are for
+    reading and are ignored. Keying by prompt ids makes the file independent of the order and
+    sharding of the training prompts; a prompt given twice is an error."""
     responses, lines = {}, {}
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"

@@ -1,13 +1,7 @@
 """Teacher responses for off-policy guidance: generated online by the teacher model in the same job
 (same generation code and sampler as the student), or read from a JSONL file written beforehand by
-`tools/generate_teacher_responses.py` (read by `data.load_teacher_responses`).
-
-File format, one JSON object per line (text fields are optional, for reading):
-
-    {"prompt_ids": [1, 2, 3], "response_ids": [7, 8, 2], "prompt": "...", "response": "..."}
-
-Responses are looked up by their prompt's token ids, so the file does not depend on the order or
-sharding of the training prompts.
+`tools/generate_teacher_responses.py` (its format, and how responses are looked up by their
+prompt's token ids: `data.load_teacher_responses`).
 """
 
 import json
