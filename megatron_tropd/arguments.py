@@ -3,6 +3,7 @@ holding every cross-flag check (each failure is a one-line `ArgumentError`)."""
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -183,6 +184,12 @@ def _add_checkpoint_args(parser):
     g.add_argument("--load", help="resume from the latest checkpoint here (default: --save)")
     g.add_argument("--no-load-optim", action="store_true",
                    help="resume the model weights only (fresh optimiser and scheduler)")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, the LR-schedule flags of this command line (--lr, --min-lr, "
+                        "--lr-warmup-iters, --lr-decay-style, --weight-decay) replace the "
+                        "checkpoint's (default, as --use-checkpoint-opt-param-scheduler in "
+                        "Megatron-LM: the checkpoint's are kept). Either way a resume names each "
+                        "flag that differs; --train-iters always re-plans the decay")
     g.add_argument("--exit-interval", type=int, default=0,
                    help="save a checkpoint and exit when the iteration is a multiple of this "
                         "(0: never); a later run with the same --save resumes")
@@ -219,6 +226,7 @@ def distill_config(args) -> DistillConfig:
 
 def validate_args(args, world_size: int = 1):
     """Every cross-flag check, before anything is built. Raises a one-line ArgumentError."""
+    _check_finite(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         raise ArgumentError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
@@ -285,6 +293,15 @@ def validate_args(args, world_size: int = 1):
         raise ArgumentError("--prefix-anneal-steps must be >= 1")
     if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise ArgumentError("learning rates must satisfy 0 <= --min-lr <= --lr")
+    for name in ("weight_decay", "clip_grad", "prefix_beta", "eopd_entropy_threshold"):
+        if getattr(args, name) < 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1), got "
+                                f"{getattr(args, name)}")
+    if args.trust_tau <= 0 or args.trust_kl_delta <= 0:
+        raise ArgumentError("--trust-tau and --trust-kl-delta must be > 0")
     if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.train_iters:
         raise ArgumentError("--lr-warmup-iters must be in [0, --train-iters]")
     if (args.save_interval < 0 or args.keep_last < 0 or args.exit_interval < 0
@@ -297,6 +314,14 @@ def validate_args(args, world_size: int = 1):
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
     _warn_about_sampling(args)
     return dp
+
+
+def _check_finite(args):
+    """Every float flag a finite number: NaN passes every `<` / `<=` range check after it, and
+    an infinite --lr or --temperature would run and turn the weights to NaN."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgumentError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 # Methods whose loss reads lp_S_old as the probability of the sampled token (ratio, trust test).

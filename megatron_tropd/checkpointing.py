@@ -5,6 +5,7 @@
               optimizer/           megatron-core dist_checkpointing of the optimiser state
               rng/rank_00003.pt    each rank's python / numpy / torch RNG states
     <save>/latest                  the iteration of the last *complete* checkpoint
+    <save>/.lock                   held by the run that owns the directory (`SaveDirLock`)
 
 A checkpoint is written under a temporary name and renamed when every rank has finished; `latest`
 is replaced atomically after that, and only then are checkpoints beyond `--keep-last` deleted. A
@@ -13,9 +14,11 @@ full disk, an unwritable directory) is a one-line `CheckpointError` on every ran
 directory removed. A missing or corrupt file met on resume is a one-line error too. Model and optimiser
 state are reshardable (load at another TP/PP); the trainer state (iteration, LR schedule, data
 position) lives in megatron_tropd.json. Sampling and trust-test draws are keyed by (seed, sample id,
-position), so a resumed run draws what an uninterrupted one would have.
+position), so a resumed run draws what an uninterrupted one would have. Which flags a resume
+keeps from the checkpoint and which it takes from the command line: `resume_flags`.
 """
 
+import fcntl
 import os
 import random
 import shutil
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_tropd import faults
+from megatron_tropd import faults, resume_flags
 from megatron_tropd.initialize import first_error, print_rank_0
 from megatron_tropd.models import checkpoint as model_checkpoint
 from megatron_tropd.models.hf_checkpoint import CheckpointError
@@ -72,6 +75,48 @@ def check_writable(directory: str):
         raise CheckpointError(f"--save {directory}: cannot write there ({e.strerror})") from None
 
 
+LOCK_FILE = ".lock"
+
+
+class SaveDirLock:
+    """`--save` owned by one run: rank 0 holds an exclusive `flock` on `<save>/.lock` from
+    start-up until `release` (or its death: the kernel drops the lock of a killed process, so a
+    SIGKILLed run leaves nothing stale; the file itself stays, naming the last owner). A second
+    run on the directory, say a requeued job overlapping its predecessor, stops at once on every
+    rank instead of writing into the other's checkpoints (collective)."""
+
+    def __init__(self, directory: str):
+        self.file = None
+        error = None
+        if directory and _rank() == 0:
+            error = self._acquire(directory)
+        failure = first_error(error)
+        if failure is not None:
+            self.release()
+            raise CheckpointError(failure)
+
+    def _acquire(self, directory: str):
+        path = os.path.join(directory, LOCK_FILE)
+        try:
+            self.file = open(path, "a+")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "pid ? on host ?"
+            return f"--save {directory} is in use by another run ({owner})"
+        except OSError as e:
+            return f"--save {directory}: cannot lock {path} ({e.strerror})"
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        self.file.flush()
+        return None
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing the descriptor drops the flock
+            self.file = None
+
+
 def save(args, run):
     """Save the run at `run.iteration` (collective). A failure on any rank (a full disk, a
     directory that became unwritable) is a one-line `CheckpointError` on every rank, and the
@@ -79,7 +124,8 @@ def save(args, run):
     from megatron.core import dist_checkpointing
 
     target = _iteration_dir(args.save, run.iteration)
-    state = {"scheduler": run.scheduler.state_dict(), "sampler": run.sampler.state_dict()}
+    state = {"scheduler": run.scheduler.state_dict(), "sampler": run.sampler.state_dict(),
+             "flags": resume_flags.recorded_flags(args)}
     try:
         with model_checkpoint.atomic_directory(target, overwrite=True) as tmp:
             model_checkpoint.write_model(tmp, run.model, run.student_arch,
@@ -124,18 +170,24 @@ def resume(args, run):
     meta = model_checkpoint.load_model(directory, run.model)
     if "trainer" not in meta:
         raise CheckpointError(f"{directory} is a model checkpoint without trainer state")
+    trainer = meta["trainer"]
     if args.no_load_optim:
         run.optimizer.reload_model_params()
     else:
+        schedule = resume_flags.resumed_scheduler_state(args, run.scheduler.state_dict(),
+                                                        trainer["scheduler"])
+        resume_flags.set_param_group_lrs(run.optimizer, trainer["scheduler"])
         sharded = run.optimizer.sharded_state_dict(run.model.sharded_state_dict(), is_loading=True,
                                                    metadata=_OPTIMIZER_FORMAT)
         run.optimizer.load_state_dict(model_checkpoint.read_dist_checkpoint(
             sharded, os.path.join(directory, OPTIMIZER_DIR)))
-        run.scheduler.load_state_dict(meta["trainer"]["scheduler"])
+        resume_flags.set_param_group_lrs(run.optimizer, schedule)
+        run.scheduler.load_state_dict(schedule)
     try:
-        run.sampler.load_state_dict(meta["trainer"]["sampler"])
+        run.sampler.load_state_dict(trainer["sampler"])
     except ValueError as e:  # another --seed, or a prompts file of another size
         raise CheckpointError(f"cannot resume from {directory}: {e}") from None
+    resume_flags.announce_changes(args, trainer.get("flags", {}))
     run.iteration = meta["iteration"]
     rng_file = os.path.join(directory, RNG_DIR, f"rank_{_rank():05d}.pt")
     error = None

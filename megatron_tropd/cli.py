@@ -1,16 +1,17 @@
 """What the command-line tools share: bad input reported as one line on stderr (no traceback),
-and process-group start-up that works under torchrun and as a plain single process."""
+launch-size checks and a free port for launches of their own."""
 
 import argparse
 import os
 import socket
 import sys
 
-from megatron_tropd.initialize import ParallelConfigError, initialize_distributed
+from megatron_tropd.initialize import ParallelConfigError
 from megatron_tropd.models.arch import ArchitectureError
 from megatron_tropd.models.hf_checkpoint import CheckpointError
+from megatron_tropd.models.parity import ParityError
 
-USER_ERRORS = (ArchitectureError, CheckpointError, ParallelConfigError)
+USER_ERRORS = (ArchitectureError, CheckpointError, ParallelConfigError, ParityError)
 
 
 def run_main(main):
@@ -51,10 +52,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def init_distributed(tp: int = 1, pp: int = 1):
-    """torch.distributed and megatron's groups; a single process gets a free port of its own so
-    that several tools (or tests) can run side by side."""
-    if "WORLD_SIZE" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    initialize_distributed(tp, pp)

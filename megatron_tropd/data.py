@@ -20,7 +20,9 @@ from typing import Optional
 
 import torch
 
-from megatron_tropd.tokenizer import Tokenizer, TokenizerError, plain_chat_text, prompt_ids
+from megatron_tropd.initialize import print_rank_0
+from megatron_tropd.tokenizer import (Tokenizer, TokenizerError, check_template, plain_chat_text,
+                                      prompt_ids)
 
 
 class DataError(ValueError):
@@ -126,16 +128,45 @@ class PromptExample:
 def load_prompts(path, tokenizer: Tokenizer, template: str = "auto",
                  max_prompt_length: Optional[int] = None) -> list[PromptExample]:
     """Prompts of a JSONL file, tokenized with `template` (see `tokenizer.prompt_ids`)."""
-    examples = []
+    check_template(tokenizer, template)
+    examples, unknown = [], _UnknownCharacters(path, tokenizer)
     for index, (number, record) in enumerate(read_jsonl(path)):
         where = f"{path}:{number}"
         ids, text = _prompt(where, record, tokenizer, template)
+        unknown.check(number, text, ids)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             raise DataError(f"{where}: prompt is {len(ids)} tokens, longer than the maximum "
                             f"prompt length {max_prompt_length}")
         answer = _string(where, record, "answer", optional=True, allow_empty=True)
         examples.append(PromptExample(index, ids, answer, text))
+    unknown.report()
     return examples
+
+
+class _UnknownCharacters:
+    """Lines of a file whose text holds characters the tokenizer maps to its unknown id (the
+    model would see `<unk>` there): one warning a file, with the count and the first line's
+    characters."""
+
+    def __init__(self, path, tokenizer: Tokenizer):
+        self.path, self.tokenizer = path, tokenizer
+        self.lines, self.first = 0, None
+
+    def check(self, number: int, text: str, ids: list[int]):
+        unk = self.tokenizer.unk_id
+        if unk is None or unk not in ids:
+            return
+        self.lines += 1
+        if self.first is None:
+            chars = [c for c in dict.fromkeys(text) if unk in self.tokenizer.encode(c)]
+            self.first = (number, chars)
+
+    def report(self):
+        if self.lines:
+            number, chars = self.first
+            print_rank_0(f"warning: {self.path}: {self.lines} line(s) hold characters the "
+                         f"tokenizer maps to its unknown token (first at line {number}: "
+                         f"{', '.join(map(repr, chars))})")
 
 
 @dataclasses.dataclass
@@ -147,16 +178,20 @@ class SFTExample:
 def load_sft(path, tokenizer: Tokenizer, template: str = "auto",
              max_length: Optional[int] = None) -> list[SFTExample]:
     """Prompt-response pairs of a JSONL file; the response is followed by the EOS id."""
-    examples = []
+    check_template(tokenizer, template)
+    examples, unknown = [], _UnknownCharacters(path, tokenizer)
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"
-        ids, _ = _prompt(where, record, tokenizer, template)
-        response = tokenizer.encode(_string(where, record, "response")) + [tokenizer.eos_id]
+        ids, text = _prompt(where, record, tokenizer, template)
+        response_text = _string(where, record, "response")
+        response = tokenizer.encode(response_text) + [tokenizer.eos_id]
+        unknown.check(number, text + response_text, ids + response)
         input_ids = ids + response
         if max_length is not None and len(input_ids) > max_length:
             raise DataError(f"{where}: prompt, response and EOS are {len(input_ids)} tokens, "
                             f"longer than the maximum length {max_length}")
         examples.append(SFTExample(input_ids, len(ids)))
+    unknown.report()
     return examples
 
 

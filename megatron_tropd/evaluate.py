@@ -138,9 +138,9 @@ def run(args):
     from megatron.core import parallel_state as ps
 
     from megatron_tropd.data import load_prompts
-    from megatron_tropd.initialize import print_rank_0
+    from megatron_tropd.initialize import initialize_distributed, print_rank_0
 
-    cli.init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     rows = []
     for load, label in zip(args.load, args.label or args.load):
         start = time.perf_counter()

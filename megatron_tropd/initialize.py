@@ -6,6 +6,7 @@ nccl when CUDA is present, gloo otherwise (then the CPU compatibility layer is s
 
 import os
 import random
+import re
 from datetime import timedelta
 
 import numpy as np
@@ -24,7 +25,8 @@ def initialize_distributed(
     timeout_minutes: int = 30,
 ):
     """Initialise torch.distributed (from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, as torchrun sets
-    them), megatron-core's parallel groups and the RNG seeds. Safe to call twice.
+    them; a single process without them), megatron-core's parallel groups and the RNG seeds. Safe
+    to call twice.
 
     Data parallel size is `world_size / (tp * pp)`.
     """
@@ -36,18 +38,9 @@ def initialize_distributed(
     if not use_cuda:
         cpu_compat.enable()
     if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", "0"))
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(minutes=timeout_minutes),
-        )
+        _init_process_group("nccl" if use_cuda else "gloo", timedelta(minutes=timeout_minutes))
     world_size = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world_size % model_parallel != 0:
@@ -69,6 +62,31 @@ def initialize_distributed(
             pipeline_model_parallel_size=pipeline_model_parallel_size,
         )
     set_seed(seed)
+
+
+def _init_process_group(backend: str, timeout: timedelta):
+    """Under torchrun (WORLD_SIZE and the rendezvous address in the environment): rank 0 serves
+    the store at MASTER_ADDR:MASTER_PORT, and a failure to serve or reach it is a one-line
+    `ParallelConfigError` naming the address. A plain single process needs no port: its store is
+    in memory, so any number of them run side by side on one host."""
+    if "WORLD_SIZE" not in os.environ:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+        return
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        dist.init_process_group(backend=backend, rank=int(os.environ.get("RANK", "0")),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    except (dist.DistError, RuntimeError, ValueError) as e:
+        raise ParallelConfigError(f"cannot start the process group at {address} "
+                                  f"({_network_reason(e)})") from None
+
+
+def _network_reason(error: Exception) -> str:
+    """The short reason in a torch.distributed store error ('EADDRINUSE: address already in
+    use'), else its message on one line."""
+    found = re.search(r"name: (\w+), message: ([^\n]+)", str(error))
+    return f"{found[1]}: {found[2].strip()}" if found else " ".join(str(error).split())
 
 
 def set_seed(seed: int):

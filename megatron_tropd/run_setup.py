@@ -55,6 +55,7 @@ def setup_run(args) -> Run:
     if args.mode == "distill":
         teacher_arch = _arch(args.teacher_load, args.teacher_config)
         check_student_teacher(student_arch, teacher_arch)
+    examples = _data(args, tokenizer)  # a bad file is reported before the models are built
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     common = dict(params_dtype=dtype, use_transformer_engine=args.transformer_engine)
     model = build_model(student_arch, "student", calculate_per_token_loss=True, **common)
@@ -66,7 +67,6 @@ def setup_run(args) -> Run:
             checkpointing.load_weights(args.teacher_load, teacher)
     ddp, optimizer, scheduler = _optimizer(args, model)
 
-    examples = _data(args, tokenizer)
     dp_rank = parallel_state.get_data_parallel_rank()
     sampler = PromptSampler(len(examples), args.prompts_per_iteration, dp_rank,
                             parallel_state.get_data_parallel_world_size(), args.seed)
@@ -110,11 +110,21 @@ def _tokenizer(args, student_arch: ModelArch):
 
 def _data(args, tokenizer):
     from megatron_tropd import data
+    from megatron_tropd.initialize import print_rank_0
 
     if args.mode == "sft":
-        return data.load_sft(args.sft_data, tokenizer, args.prompt_template,
-                             max_length=args.max_prompt_length + args.max_new_tokens)
-    return data.load_prompts(args.prompts, tokenizer, args.prompt_template, args.max_prompt_length)
+        path = args.sft_data
+        examples = data.load_sft(path, tokenizer, args.prompt_template,
+                                 max_length=args.max_prompt_length + args.max_new_tokens)
+    else:
+        path = args.prompts
+        examples = data.load_prompts(path, tokenizer, args.prompt_template, args.max_prompt_length)
+    if len(examples) < args.prompts_per_iteration:
+        kind = "examples" if args.mode == "sft" else "prompts"
+        print_rank_0(f"warning: {path} has {len(examples)} {kind}, fewer than "
+                     f"--prompts-per-iteration {args.prompts_per_iteration}: {kind} repeat within "
+                     f"an iteration")
+    return examples
 
 
 def _optimizer(args, model):
@@ -143,7 +153,7 @@ def _optimizer(args, model):
     _fused_cpu_adam(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
-        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * args.epochs_per_rollout,
         lr_decay_steps=args.train_iters * args.epochs_per_rollout,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * args.epochs_per_rollout, wd_incr_style="constant",

@@ -42,10 +42,13 @@ class Tokenizer:
         bos_id: the id the tokenizer puts before a sequence, None when it puts none (a Hugging
             Face tokenizer whose bos token its own encoding never adds, like GPT-2's, counts as
             putting none).
-        has_chat_template: whether `encode_chat` uses the tokenizer's own chat template.
+        has_chat_template: whether the tokenizer has a chat template of its own (`encode_chat`).
+        unk_id: the id of characters the vocabulary cannot spell, None when every text can be
+            spelled (byte-level tokenizers).
     """
 
     has_chat_template = False
+    unk_id: Optional[int] = None
 
     def __init__(self, path, vocab_size: int, eos_id: Optional[int], pad_id: Optional[int],
                  bos_id: Optional[int]):
@@ -66,8 +69,9 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        """Ids of `messages` ({role, content} dicts) ready for the assistant's reply."""
-        return self.encode(plain_chat_text(messages))
+        """Ids of `messages` ({role, content} dicts) rendered with the tokenizer's chat template,
+        ready for the assistant's reply (only when `has_chat_template`)."""
+        raise NotImplementedError
 
     def tokens(self) -> list[str]:
         """Every id's token string, in id order."""
@@ -86,6 +90,7 @@ class SentencePieceTokenizer(Tokenizer):
 
         super().__init__(model_file, self._sp.get_piece_size(), optional(self._sp.eos_id()),
                          optional(self._sp.pad_id()), optional(self._sp.bos_id()))
+        self.unk_id = optional(self._sp.unk_id())
 
     def encode(self, text):
         return self._sp.encode(text)
@@ -117,6 +122,7 @@ class HFTokenizer(Tokenizer):
         super().__init__(directory, len(self._hf), self._hf.eos_token_id, self._hf.pad_token_id,
                          bos)
         self.has_chat_template = self._hf.chat_template is not None
+        self.unk_id = self._hf.unk_token_id
 
     def encode(self, text):
         return self._hf.encode(text, add_special_tokens=False)
@@ -128,8 +134,6 @@ class HFTokenizer(Tokenizer):
         return self._hf.convert_ids_to_tokens(list(range(self.vocab_size)))
 
     def encode_chat(self, messages):
-        if not self.has_chat_template:
-            return super().encode_chat(messages)
         from jinja2 import TemplateError
 
         try:
@@ -180,11 +184,20 @@ def load_tokenizer(path) -> Tokenizer:
                          f"tokenizer.model")
 
 
+def check_template(tokenizer: Tokenizer, template: str):
+    """--prompt-template chat needs the tokenizer's own chat template (auto falls back to the
+    plain one)."""
+    if template == "chat" and not tokenizer.has_chat_template:
+        raise TokenizerError(f"--prompt-template chat: the tokenizer {tokenizer.path} has no chat "
+                             f"template (auto falls back to the plain template)")
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: Optional[str] = None,
                messages: Optional[Sequence[dict]] = None, template: str = "auto") -> list[int]:
     """Prompt token ids from a `prompt` text or chat `messages` (exactly one of them).
 
-    template: "chat" renders with `tokenizer.encode_chat` (a prompt text becomes one user turn);
+    template: "chat" renders with the tokenizer's chat template (a prompt text becomes one user
+    turn; a tokenizer without one is an error);
     "plain" encodes a prompt text as it is and flattens messages with the plain template; "auto"
     is "chat" when the tokenizer has a chat template, else "plain". The tokenizer's bos id is put
     first unless the template already did.
@@ -193,6 +206,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Optional[str] = None,
         raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt and messages")
+    check_template(tokenizer, template)
     if template == "auto":
         template = "chat" if tokenizer.has_chat_template else "plain"
     if template == "chat":

@@ -85,6 +85,15 @@ def train(args):
     checkpointing.check_writable(args.save)
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            args.seed)
+    lock = checkpointing.SaveDirLock(args.save)  # --save is this run's until it returns
+    try:
+        return _train(args, stop, dp)
+    finally:
+        lock.release()
+
+
+def _train(args, stop, dp):
+    """`train` once the process group is up and --save is locked."""
     run = run_setup.setup_run(args)  # models, optimiser, scheduler, data, resumed state
     logger = MetricsLogger(args, run.iteration)
     print_rank_0(f"training {args.mode}"

@@ -11,7 +11,9 @@ built here from configs (no downloads; norm weights and biases perturbed so that
   were saved at (the padded vocabulary is 384 rows at TP=1 and 512 at TP=2);
 - HF -> Megatron -> HF bit-exact on every tensor, key sets equal both ways, for every checkpoint;
   the HF -> megatron mapping names exactly the parameters the model's stages hold;
-- bad input: a one-line error and no output directory.
+- bad input: a one-line error and no output directory;
+- tools/compare_hf_megatron.py as a gate: exit status 1 and a one-line error on configs that differ
+  and on logits beyond its thresholds.
 
 The four layouts run as four spawned runs (in an order that lets each load a checkpoint another
 layout saved); the last, at TP=1/PP=1, also exports every checkpoint back to HF.
@@ -19,6 +21,7 @@ layout saved); the last, at TP=1/PP=1, also exports every checkpoint back to HF.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -373,12 +376,19 @@ def test_existing_output_dir_needs_overwrite(converted, tmp_path, capsys):
 def test_failed_write_leaves_nothing(tmp_path):
     from megatron_tropd.models.checkpoint import atomic_directory
 
+    from megatron_tropd.models.hf_checkpoint import CheckpointError
+
     target = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(str(target)) as partial:
-            open(os.path.join(partial, "half-written"), "w").close()
-            raise RuntimeError("killed halfway")
-    assert os.listdir(tmp_path) == []
+    # whatever a writer raises is the one-line error; an interrupt stays what it is
+    for raised, expected in ((RuntimeError("killed halfway"), CheckpointError),
+                             (KeyboardInterrupt(), KeyboardInterrupt)):
+        with pytest.raises(expected) as caught:
+            with atomic_directory(str(target)) as partial:
+                open(os.path.join(partial, "half-written"), "w").close()
+                raise raised
+        if expected is CheckpointError:
+            assert str(caught.value) == f"cannot write {target} (RuntimeError: killed halfway)"
+        assert os.listdir(tmp_path) == []
 
 
 def test_command_line(converted, tmp_path):
@@ -409,17 +419,75 @@ def test_command_line(converted, tmp_path):
                                        "tokenizer_config.json"]
 
 
-def test_compare_tool_last_line(converted):
-    """tools/compare_hf_megatron.py on a checkpoint saved at TP=2 x PP=2, run as one process."""
-    root = converted.root
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "compare_hf_megatron.py"),
-         "--hf-dir", os.path.join(root, "hf", "qwen2"),
-         "--megatron-dir", _ckpt(root, "qwen2", (2, 2)), "--seq-length", "32"],
-        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def _compare(*args):
+    """tools/compare_hf_megatron.py as a process of its own, on 2x32 tokens."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "compare_hf_megatron.py"), *args,
+         "--seq-length", "32"], env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+        text=True)
+
+
+def _parity_line(result):
+    """The values of the last stdout line, `max_abs_logit_diff=<x> kl=<y> top1_agree=<z>`."""
     last = result.stdout.strip().splitlines()[-1]
     values = dict(item.split("=") for item in last.split(" "))
     assert sorted(values) == ["kl", "max_abs_logit_diff", "top1_agree"], last
-    assert float(values["max_abs_logit_diff"]) <= MAX_ABS_LOGIT_DIFF, last
-    assert float(values["kl"]) <= MAX_KL and float(values["top1_agree"]) == 1.0, last
+    return values
+
+
+def test_compare_tool_last_line(converted):
+    """tools/compare_hf_megatron.py on a checkpoint saved at TP=2 x PP=2, run as one process."""
+    root = converted.root
+    result = _compare("--hf-dir", os.path.join(root, "hf", "qwen2"),
+                      "--megatron-dir", _ckpt(root, "qwen2", (2, 2)))
+    assert result.returncode == 0, result.stderr
+    values = _parity_line(result)
+    assert float(values["max_abs_logit_diff"]) <= MAX_ABS_LOGIT_DIFF, values
+    assert float(values["kl"]) <= MAX_KL and float(values["top1_agree"]) == 1.0, values
+
+
+def _swap_gate_up(directory):
+    """The gate and up projections exchanged in an HF copy: same config, wrong weights."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(directory, "model.safetensors")
+    other = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
+    save_file({re.sub("gate_proj|up_proj", lambda m: other[m.group()], name): tensor
+               for name, tensor in load_file(path).items()}, path)
+
+
+def test_compare_tool_is_a_gate(converted, tmp_path):
+    """Exit status 1 and a one-line error (no traceback) when the configs differ, before anything
+    is loaded, and when the logits exceed a threshold, after the parity line."""
+    root = converted.root
+    qwen2, qwen3 = _ckpt(root, "qwen2", (1, 1)), _ckpt(root, "qwen3", (1, 1))
+    fewer_layers = _copy_model(os.path.join(root, "hf", "qwen2"), str(tmp_path / "layers"),
+                               lambda c: c.update(num_hidden_layers=2))
+    for hf_dir, ckpt, difference in [
+        (fewer_layers, qwen2, "num_layers (2 vs 4)"),
+        (os.path.join(root, "hf", "qwen3"), qwen2, "family ('qwen3' vs 'qwen2')"),
+        (os.path.join(REPO, "examples", "toy", "teacher"), qwen3, "vocab_size (20 vs 300)"),
+    ]:
+        result = _compare("--hf-dir", hf_dir, "--megatron-dir", ckpt)
+        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            f"error: --hf-dir {hf_dir} and --megatron-dir {ckpt} differ in {difference}")
+        assert "Traceback" not in result.stderr
+
+    # max_position_embeddings is not compared: this copy runs, and fails only the threshold
+    longer = _copy_model(os.path.join(root, "hf", "qwen3"), str(tmp_path / "longer"),
+                         lambda c: c.update(max_position_embeddings=1024))
+    swapped = _copy_model(os.path.join(root, "hf", "qwen2"), str(tmp_path / "swapped"))
+    _swap_gate_up(swapped)
+    for hf_dir, ckpt, extra, error in [
+        (longer, qwen3, ["--max-abs-diff", "0"],
+         "max_abs_logit_diff={max_abs_logit_diff} exceeds --max-abs-diff 0"),
+        (swapped, qwen2, [], "max_abs_logit_diff={max_abs_logit_diff} exceeds --max-abs-diff "
+                             "0.001; kl={kl} exceeds --max-kl 1e-06"),  # the float32 defaults
+    ]:
+        result = _compare("--hf-dir", hf_dir, "--megatron-dir", ckpt, *extra)
+        assert result.returncode == 1, result.stderr
+        values = _parity_line(result)
+        assert result.stderr.splitlines()[-1] == "error: " + error.format(**values)
+        assert "Traceback" not in result.stderr
+    assert float(values["max_abs_logit_diff"]) > 1 and float(values["kl"]) > 0.1, values

@@ -146,8 +146,9 @@ def test_hf_template_with_bos_and_without_template(tmp_path):
     gpt2_like = load_tokenizer(save_hf(tmp_path / "plain", adds_bos=False))
     assert prompt_ids(gpt2_like, messages=SYSTEM_AND_USER) == (
         words(f"System: Be brief . User: {QUESTION} Assistant:"))
-    assert prompt_ids(gpt2_like, prompt=QUESTION, template="chat") == (
-        words(f"User: {QUESTION} Assistant:"))
+    with pytest.raises(TokenizerError, match="^--prompt-template chat: the tokenizer .* has no "
+                       "chat template"):
+        prompt_ids(gpt2_like, prompt=QUESTION, template="chat")
 
 
 def test_sentencepiece_templates(sp, sp_ref):
@@ -155,9 +156,9 @@ def test_sentencepiece_templates(sp, sp_ref):
     system_and_user = [{"role": "system", "content": "Be brief."},
                        {"role": "user", "content": question}]
     assert prompt_ids(sp, prompt=question) == [1] + sp_ref.encode(question)
-    assert prompt_ids(sp, prompt=question, template="chat") == (
-        [1] + sp_ref.encode(f"User: {question}\nAssistant: "))
-    for template in ("auto", "plain", "chat"):
+    with pytest.raises(TokenizerError, match="has no chat template"):
+        prompt_ids(sp, prompt=question, template="chat")
+    for template in ("auto", "plain"):
         assert prompt_ids(sp, messages=system_and_user, template=template) == (
             [1] + sp_ref.encode(f"System: Be brief.\nUser: {question}\nAssistant: "))
 

@@ -15,6 +15,7 @@ import errno
 import io
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -159,6 +160,52 @@ CASES = {
         "resuming with a prompts file of another size",
         "error: cannot resume from {tmp}/run/iter_0000001: the data sampler state (epoch 0, "
         "position 4, 4 consumed samples) does not fit 3 prompts"),
+    "writer_error": Case(
+        "a save whose writer raises something other than an OSError (torch.save's RuntimeError "
+        "for a directory removed under it, injected on rank 1)",
+        "error: cannot write {tmp}/run/iter_0000002 (rank 1: RuntimeError: Parent directory "
+        "{tmp}/run/.iter_0000002.partial/rng does not exist.); {tmp}/run/latest still names "
+        "iteration 1"),
+    **{f"{flag}_{value}": Case(
+        f"a non-finite `--{flag.replace('_', '-')} {value}`",
+        f"error: --{flag.replace('_', '-')} must be a finite number, got {value}")
+       for flag, value in (("lr", "nan"), ("lr", "inf"), ("temperature", "nan"),
+                           ("clip_grad", "nan"))},
+    "adam_beta": Case(
+        "an Adam beta outside [0, 1)",
+        "error: --adam-beta2 must be in [0, 1), got 1.0"),
+    "clip_grad_negative": Case(
+        "a negative --clip-grad",
+        "error: --clip-grad must be >= 0, got -1.0"),
+    "chat_template": Case(
+        "--prompt-template chat with a tokenizer that has no chat template",
+        "error: --prompt-template chat: the tokenizer {root}/tok.model has no chat template "
+        "(auto falls back to the plain template)"),
+    "unknown_characters": Case(
+        "prompt text with characters the tokenizer maps to its unknown token (stdout)",
+        "warning: {tmp}/prompts.jsonl: 2 line(s) hold characters the tokenizer maps to its "
+        "unknown token (first at line 2: '€', 'ü')", status=0),
+    "few_prompts": Case(
+        "a prompts file with fewer prompts than --prompts-per-iteration (stdout)",
+        "warning: {tmp}/prompts.jsonl has 3 prompts, fewer than --prompts-per-iteration 4: "
+        "prompts repeat within an iteration", status=0),
+    "resume_lr": Case(
+        "resuming with another --lr (stdout)",
+        "warning: resuming with --lr 0.0002 (checkpoint: 0.001): the checkpoint's values are "
+        "used (--override-opt-param-scheduler uses the command line's)", status=0,
+        test="test_resume_schedule"),
+    "resume_lr_override": Case(
+        "resuming with another --lr and --override-opt-param-scheduler (stdout)",
+        "warning: resuming with --lr 0.0002 (checkpoint: 0.001): the command line's values are "
+        "used (--override-opt-param-scheduler)", status=0, test="test_resume_schedule"),
+    "resume_train_iters": Case(
+        "resuming with a larger --train-iters (stdout)",
+        "warning: resuming with --train-iters 4 (checkpoint: 2): the LR decay is re-planned to "
+        "end at iteration 4", status=0, test="test_resume_schedule"),
+    "resume_method": Case(
+        "resuming with another method and batch shape (stdout)",
+        "warning: resuming with --distill-method opd (checkpoint: tropd), --samples-per-prompt 1 "
+        "(checkpoint: 2): the run goes on with the command line's", status=0),
     "nan_once": Case(
         "a NaN loss in one iteration (injected at iteration 2): the step is skipped, the run goes "
         "on (stdout)",
@@ -183,13 +230,32 @@ CRASH_CASES = {
         "stopped at iteration {stop} of 8 (SIGTERM received): the same command resumes from the "
         "checkpoint", status=0, test="test_killed_and_signalled_runs_resume_bit_exact"),
     **{f"sigkill_{phase}": Case(
-        f"SIGKILL of every rank {where}; then the same command again",
+        f"SIGKILL of every rank {where}; then the same command again (the dead run's "
+        f"`<save>/.lock` does not block it)",
         "resumed from {save}/iter_{resumed:07d} at iteration {resumed}", status=-9,
         test="test_killed_and_signalled_runs_resume_bit_exact")
        for phase, where in (("rollout", "during a rollout"),
                             ("optimizer", "between the optimiser step and the LR step"),
                             ("save", "in the middle of writing a checkpoint"),
                             ("commit", "after the checkpoint directory, before `latest`"))},
+}
+
+
+# Rows of the concurrent-runs test (plain single-process runs): {save} is the contested --save,
+# {pid} and {host} the first run's.
+CONCURRENT_CASES = {
+    "save_in_use": Case(
+        "a second run on a --save another run holds (a requeued job overlapping its "
+        "predecessor): it stops at once, the first finishes with its checkpoints intact",
+        "error: --save {save} is in use by another run (pid {pid} on host {host})",
+        test="test_concurrent_runs"),
+    "two_single_process_runs": Case(
+        "two single-process runs (no torchrun) at once on one host",
+        "done: 2 iterations", status=0, test="test_concurrent_runs"),
+    "port_in_use": Case(
+        "torchrun's MASTER_PORT already taken on rank 0's host",
+        "error: cannot start the process group at 127.0.0.1:{port} (EADDRINUSE: address already "
+        "in use)", test="test_concurrent_runs"),
 }
 
 
@@ -335,18 +401,29 @@ def _prepare_nan_always(root, tmp):
     return _flags(root, "--max-nonfinite-steps", "2", iters=3)
 
 
-def _prepare_disk_full(root, tmp):
-    from megatron_tropd import checkpointing
+def _failing_rng_save(error):
+    """Rank 1's RNG file of iteration 2 raises `error(path)`."""
+    def prepare(root, tmp):
+        from megatron_tropd import checkpointing
 
-    save = torch.save
+        save = torch.save
 
-    def failing(obj, path, *args, **kwargs):
-        if str(path).endswith(".iter_0000002.partial/rng/rank_00001.pt"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return save(obj, path, *args, **kwargs)
+        def failing(obj, path, *args, **kwargs):
+            if str(path).endswith(".iter_0000002.partial/rng/rank_00001.pt"):
+                raise error(str(path))
+            return save(obj, path, *args, **kwargs)
 
-    checkpointing.torch.save = failing
-    return _flags(root, "--save", os.path.join(tmp, "run"), "--save-interval", "1")
+        checkpointing.torch.save = failing
+        return _flags(root, "--save", os.path.join(tmp, "run"), "--save-interval", "1")
+    return prepare
+
+
+def _disk_full(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def _directory_gone(path):
+    return RuntimeError(f"Parent directory {os.path.dirname(path)} does not exist.")
 
 
 def _teacher_copy(root, tmp):
@@ -410,7 +487,20 @@ PREPARE = {
     "world_size": lambda root, tmp: _flags(root, "--tensor-model-parallel-size", "4"),
     "save_is_file": lambda root, tmp: _flags(root, "--save", os.path.join(
         _write(os.path.join(tmp, "file")), "run")),
-    "disk_full": _prepare_disk_full,
+    "disk_full": _failing_rng_save(_disk_full),
+    "writer_error": _failing_rng_save(_directory_gone),
+    **{f"{flag}_{value}": (lambda flag, value: lambda root, tmp: _flags(
+        root, f"--{flag.replace('_', '-')}", value))(flag, value)
+       for flag, value in (("lr", "nan"), ("lr", "inf"), ("temperature", "nan"),
+                           ("clip_grad", "nan"))},
+    "adam_beta": lambda root, tmp: _flags(root, "--adam-beta2", "1"),
+    "clip_grad_negative": lambda root, tmp: _flags(root, "--clip-grad", "-1"),
+    "chat_template": lambda root, tmp: _flags(root, "--prompt-template", "chat"),
+    "unknown_characters": _prompts_case(['{"prompt": "Q:1+2="}', '{"prompt": "Q:1€2ü="}',
+                                         '{"prompt": "Q:2+2="}', '{"prompt": "Q:€="}']),
+    "few_prompts": _prompts_case(['{"prompt": "Q:1+2="}'] * 3),
+    "resume_method": _resume_case(lambda run: None, "--distill-method", "opd",
+                                  "--samples-per-prompt", "1", "--train-iters", "1"),
     "missing_shard": _resume_case(_remove_rank1_model_shard),
     "truncated_shard": _resume_case(_truncate_optimizer_shard),
     "corrupt_metadata": _resume_case(_corrupt_model_metadata),
@@ -433,19 +523,26 @@ def _last_line(text):
     return lines[-1] if lines else ""
 
 
-def _message_line(out):
-    """A run that goes on or stops cleanly says so on stdout: its warning or stop line."""
-    return next((line for line in out.splitlines() if line.startswith(("warning:", "stopped"))),
-                "")
+def _message_lines(out):
+    """A run that goes on or stops cleanly says so on stdout: its warning and stop lines."""
+    return tuple(line for line in out.splitlines() if line.startswith(("warning:", "stopped")))
 
 
 def _bad_input_worker(root, scratch):
-    """Every case of PREPARE (plus the read-only --save) through `training.main`; returns per
-    case (status, the message line, whether stderr held a traceback) and the case's directory."""
-    from megatron_tropd import checkpointing
+    """Every case of PREPARE (plus the read-only --save, the NaN step and the resumed
+    schedules) through `training.main`; returns per case (status, the error line or the message
+    lines, whether stderr held a traceback, the case's directory, the models built)."""
+    from megatron_tropd import checkpointing, run_setup
     from megatron_tropd.distill import losses
 
     originals = (losses.compute_loss, checkpointing.torch.save)
+    build_model, built = run_setup.build_model, []
+
+    def counted_build(*args, **kwargs):
+        built.append(None)
+        return build_model(*args, **kwargs)
+
+    run_setup.build_model = counted_build
     results = {}
     for name, prepare in PREPARE.items():
         tmp = os.path.join(scratch, name)
@@ -455,13 +552,16 @@ def _bad_input_worker(root, scratch):
         try:
             argv = prepare(root, tmp)  # collective: rank 0 writes files, both may train
             torch.distributed.barrier()
+            built.clear()
             status, out, err = _main(argv)
         finally:
             losses.compute_loss, checkpointing.torch.save = originals
-        line = _last_line(err) if status else _message_line(out)
-        results[name] = (status, line, "Traceback" in err, tmp)
+        line = _last_line(err) if status else _message_lines(out)
+        results[name] = (status, line, "Traceback" in err, tmp, len(built))
+    run_setup.build_model = build_model
     results["save_read_only"] = _read_only_case(root, os.path.join(scratch, "save_read_only"))
     results["nan_once"] = _nan_once(root, os.path.join(scratch, "nan_once"))
+    results.update(_resumed_schedules(root, os.path.join(scratch, "schedule")))
     return results
 
 
@@ -497,7 +597,37 @@ def _nan_once(root, tmp):
         status, out, err = _main(_flags(root, "--save", tmp, "--save-interval", "1", iters=3))
     finally:
         losses.compute_loss, checkpointing.save = originals
-    return status, _message_line(out), "Traceback" in err, tmp, snapshots
+    return status, _message_lines(out), "Traceback" in err, tmp, snapshots
+
+
+def _resumed_schedules(root, tmp):
+    """A cosine run of 2 iterations at --lr 1e-3, resumed to 4 iterations at --lr 2e-4, keeping
+    the checkpoint's schedule and overriding it: per case (status, message lines, traceback,
+    directory, the learning rate after iteration 3)."""
+    from megatron_tropd import checkpointing
+
+    run = os.path.join(tmp, "run")
+    status, _, err = _main(_flags(root, "--save", run, "--lr-decay-style", "cosine", iters=2))
+    assert status == 0, err
+    lrs = []
+
+    def lr_after(args, run):  # saves nothing: both resumes start from the same checkpoint
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+
+    save, checkpointing.save = checkpointing.save, lr_after
+    results = {}
+    try:
+        for name, extra in (("resume_lr", ()), ("resume_lr_override",
+                                                ("--override-opt-param-scheduler",))):
+            lrs.clear()
+            status, out, err = _main(_flags(root, "--save", run, "--lr-decay-style", "cosine",
+                                            "--lr", "2e-4", "--save-interval", "1", *extra,
+                                            iters=4))
+            results[name] = (status, _message_lines(out), "Traceback" in err, tmp, lrs[:1])
+    finally:
+        checkpointing.save = save
+    results["resume_train_iters"] = results["resume_lr"]
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -514,15 +644,46 @@ def _expected(case, root, tmp, **fields):
 def test_bad_input(bad_inputs, toy, name):
     case = CASES[name]
     for rank, rank_results in enumerate(bad_inputs):  # every rank exits the same way
-        status, line, traceback, tmp = rank_results[name][:4]
-        assert not traceback and status == case.status
-        if status or rank == 0:  # errors on every rank, progress lines on rank 0
-            assert line == _expected(case, toy, tmp)
+        _check_case(name, rank, rank_results[name], toy)
+
+
+def _check_case(name, rank, result, toy):
+    """The case's exit status on `rank`, no traceback, and its line: the last of stderr for an
+    error (every rank), among the stdout messages of a run that went on (rank 0)."""
+    case = CASES[name]
+    status, line, traceback, tmp = result[:4]
+    assert not traceback and status == case.status
+    if status:
+        assert line == _expected(case, toy, tmp)
+    elif rank == 0:
+        assert _expected(case, toy, tmp) in line, line
+
+
+def test_bad_data_is_reported_before_the_models_are_built(bad_inputs):
+    """A malformed prompts file fails before any model is built (minutes at real sizes); a
+    problem only a rollout finds comes after both are."""
+    for name in ("malformed_json", "not_an_object", "no_prompt_key", "empty_prompts",
+                 "prompt_too_long", "chat_template"):
+        assert bad_inputs[0][name][4] == 0, name
+    assert bad_inputs[0]["context_too_long"][4] == 2
+
+
+def test_resume_schedule(bad_inputs, toy):
+    """A cosine run of 2 iterations at --lr 1e-3 resumed to 4 at --lr 2e-4: the LR after
+    iteration 3 is the cosine over 4 iterations (re-planned to the new --train-iters) from the
+    checkpoint's 1e-3, or from 2e-4 with --override-opt-param-scheduler; each says so."""
+    cosine = 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    for name, max_lr in (("resume_lr", 1e-3), ("resume_lr_override", 2e-4)):
+        for rank, rank_results in enumerate(bad_inputs):
+            _check_case(name, rank, rank_results[name], toy)
+            assert rank_results[name][4] == [pytest.approx(max_lr * cosine, rel=1e-12)]
+    for rank, rank_results in enumerate(bad_inputs):
+        _check_case("resume_train_iters", rank, rank_results["resume_train_iters"], toy)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(bad_inputs):
     run = os.path.join(bad_inputs[0]["disk_full"][3], "run")
-    assert sorted(os.listdir(run)) == ["iter_0000001", "latest", "tensorboard"]
+    assert sorted(os.listdir(run)) == [".lock", "iter_0000001", "latest", "tensorboard"]
     assert open(os.path.join(run, "latest")).read() == "1\n"
     assert sorted(os.listdir(os.path.join(run, "iter_0000001"))) == [
         "config.json", "megatron_tropd.json", "model", "optimizer", "rng"]
@@ -531,8 +692,9 @@ def test_failed_save_keeps_the_previous_checkpoint(bad_inputs):
 def test_nonfinite_step_changes_nothing(bad_inputs, toy):
     """The NaN step leaves weights, Adam moments and step counts, and the LR schedule exactly as
     they were after the step before; the next step trains again."""
-    status, line, traceback, tmp, snapshots = bad_inputs[0]["nan_once"]
-    assert not traceback and (status, line) == (0, _expected(CASES["nan_once"], toy, tmp))
+    status, lines, traceback, tmp, snapshots = bad_inputs[0]["nan_once"]
+    assert not traceback and status == 0
+    assert _expected(CASES["nan_once"], toy, tmp) in lines
     (w1, opt1, sched1), (w2, opt2, sched2), (w3, _, sched3) = snapshots
     assert sched2 == sched1 and sched3["num_steps"] == sched1["num_steps"] + 1
     assert all(torch.equal(w2[k], w1[k]) for k in w1)
@@ -729,6 +891,7 @@ def test_killed_and_signalled_runs_resume_bit_exact(toy, tmp_path):
         iteration = _kill_iteration(rng, phase, start)
         status, out, err = _finish(_torchrun(toy, save, logs(), fault=f"{phase}:{iteration}"))
         assert status != 0 and "Signal 9 (SIGKILL)" in err, (phase, status, err[-3000:])
+        assert os.path.exists(os.path.join(save, ".lock"))  # left behind; must not block
         check_resumed(out)
         # the kill came before this iteration's checkpoint reached `latest`
         assert _latest(save) == (iteration - 1) // SAVE_INTERVAL * SAVE_INTERVAL, phase
@@ -762,6 +925,159 @@ def test_killed_and_signalled_runs_resume_bit_exact(toy, tmp_path):
         assert torch.equal(tensors[name], tensor), name
 
 
+# --- runs side by side ----------------------------------------------------------------------------
+
+
+def _single_process(root, logs, *extra, env=None, iters=2):
+    """`python -m megatron_tropd.train` on the toy problem (TP=1), no torchrun; output to files
+    in `logs`."""
+    logs.mkdir()
+    environment = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in (env or {}):
+            environment.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_tropd.train",
+                             *toy_setup.train_args(root, *extra, iters=iters)],
+                            env=environment, cwd=ROOT, stdout=open(logs / "out.txt", "w"),
+                            stderr=open(logs / "err.txt", "w"))
+    proc.logs = logs
+    return proc
+
+
+def _ended(proc, timeout=600):
+    status = proc.wait(timeout=timeout)
+    return status, (proc.logs / "out.txt").read_text(), (proc.logs / "err.txt").read_text()
+
+
+def test_concurrent_runs(toy, tmp_path):
+    """A run owns its --save: a second run on it (started while the first trains) refuses at
+    once, naming the owner, and the first finishes with every checkpoint intact. Meanwhile a
+    third single-process run on its own --save trains side by side (no port to collide on), and
+    a launch whose MASTER_PORT is taken says so in one line."""
+    import socket
+
+    save = tmp_path / "shared"
+    first = _single_process(toy, tmp_path / "first", "--save", str(save), "--save-interval",
+                            "10", "--keep-last", "0", iters=40)
+    lock = save / ".lock"
+    deadline = time.time() + 120
+    while first.poll() is None and time.time() < deadline and not (
+            lock.exists() and f"pid {first.pid} " in lock.read_text()):
+        time.sleep(0.1)
+    assert first.poll() is None, _ended(first)[2][-3000:]
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    second = _single_process(toy, tmp_path / "second", "--save", str(save))
+    beside = _single_process(toy, tmp_path / "beside", "--save", str(tmp_path / "own"))
+    rendezvous = _single_process(toy, tmp_path / "port", env=dict(
+        WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    fields = dict(save=save, pid=first.pid, host=socket.gethostname(), port=port)
+
+    status, _, err = _ended(second)
+    assert first.poll() is None, "the first run ended before the second was refused"
+    case = CONCURRENT_CASES["save_in_use"]
+    assert "Traceback" not in err and status == case.status
+    assert _last_line(err) == case.message.format(**fields)
+
+    status, out, err = _ended(rendezvous)
+    taken.close()
+    case = CONCURRENT_CASES["port_in_use"]
+    assert "Traceback" not in err and status == case.status
+    assert _last_line(err) == case.message.format(**fields)
+
+    status, out, err = _ended(beside)
+    assert status == 0, err[-3000:]
+    assert _last_line(out) == CONCURRENT_CASES["two_single_process_runs"].message
+
+    status, out, err = _ended(first)
+    assert status == 0, err[-3000:]
+    assert _last_line(out) == "done: 40 iterations"
+    checkpoints = [f"iter_{i:07d}" for i in (10, 20, 30, 40)]
+    assert sorted(os.listdir(save)) == [".lock", *checkpoints, "latest", "tensorboard"]
+    assert (save / "latest").read_text() == "40\n"
+    for name in checkpoints:
+        assert sorted(os.listdir(save / name)) == [
+            "config.json", "megatron_tropd.json", "model", "optimizer", "rng"]
+        meta = json.loads((save / name / "megatron_tropd.json").read_text())
+        assert meta["iteration"] == int(name[5:])
+
+
+# --- megatron-core's writer processes ------------------------------------------------------------
+
+_SLOW_SAVE = """
+import os, sys, time
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+import toy_setup
+from megatron_tropd.initialize import initialize_distributed
+from megatron_tropd.models.builder import build_model
+from megatron_tropd.models.checkpoint import save_model
+
+def hold(*args, **kwargs):  # a shard write that takes its time: the kill comes in the middle
+    open(os.path.join(sys.argv[2], str(os.getpid())), "w").close()
+    time.sleep(300)
+
+if __name__ == "__main__":  # spawned helpers import this file
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(hold)
+    initialize_distributed()
+    save_model(sys.argv[1], build_model(toy_setup.STUDENT, "student"), toy_setup.STUDENT)
+"""
+
+
+def _descendants(pid):
+    """Every process below `pid` now."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+
+    def below(parent):
+        return [p for child in children.get(parent, []) for p in (child, *below(child))]
+    return below(pid)
+
+
+def _alive(pid) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; its reaper collects it later
+
+
+def test_writer_processes_die_with_their_parent(tmp_path):
+    """SIGKILL of a process in the middle of a checkpoint write (the model save the trainer and
+    the converter share): megatron-core's writer processes (its results-queue Manager; on 0.16
+    the forked shard writers too) are gone within seconds, not left holding the output."""
+    script, pids = tmp_path / "slow_save.py", tmp_path / "pids"
+    script.write_text(_SLOW_SAVE)
+    pids.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+               OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), str(pids)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.listdir(pids) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert os.listdir(pids), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else ""
+    writers = _descendants(proc.pid)
+    assert writers, "the save started no helper process"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 15
+    while any(map(_alive, writers)) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in writers if _alive(p)]
+    for pid in alive:  # leave nothing behind, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"writer processes alive 15 s after their parent was killed: {alive}"
+
+
 # --- the table ------------------------------------------------------------------------------------
 
 
@@ -769,7 +1085,8 @@ def table() -> str:
     """The bad-input table of docs/RELIABILITY.md, from CASES and CRASH_CASES."""
     rows = ["| bad input | what the user sees (last line) | exit | test |", "|---|---|---|---|"]
     fields = dict(root="<toy>", tmp="<tmp>", save="<save>", stop="S", resumed="R")
-    for name, case in {**CASES, **CRASH_CASES}.items():
+    fields.update(pid="P", host="H", port="PORT")
+    for name, case in {**CASES, **CRASH_CASES, **CONCURRENT_CASES}.items():
         message = case.message.replace("{resumed:07d}", "{resumed}").format(**fields)
         status = "SIGKILL" if case.status == -9 else str(case.status)
         test = case.test + (f"[{name}]" if case.test == "test_bad_input" else "")

@@ -65,7 +65,7 @@ def main(argv=None):
     args = _parse_args(argv)
     # Input checks first: they need neither a process group nor megatron-core.
     from megatron_tropd import conversion
-    from megatron_tropd.initialize import print_rank_0
+    from megatron_tropd.initialize import initialize_distributed, print_rank_0
     from megatron_tropd.models.checkpoint import check_output_dir, read_metadata
 
     check_output_dir(args.output_dir, args.overwrite)
@@ -73,13 +73,13 @@ def main(argv=None):
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         conversion.open_hf_model(args.hf_dir, tp, pp)
         cli.require_world_size(tp * pp, f"hf-to-megatron at TP={tp} x PP={pp}")
-        cli.init_distributed(tp, pp)
+        initialize_distributed(tp, pp)
         conversion.hf_to_megatron(args.hf_dir, args.output_dir, conversion.DTYPES[args.dtype],
                                   args.overwrite)
     else:
         read_metadata(args.megatron_dir)
         cli.require_world_size(1, "megatron-to-hf")
-        cli.init_distributed()
+        initialize_distributed()
         conversion.megatron_to_hf(args.megatron_dir, args.output_dir,
                                   conversion.DTYPES.get(args.dtype), args.overwrite,
                                   int(args.max_shard_size_gb * 1024**3))

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_tropd.initialize import first_error
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.hf_checkpoint import CheckpointError, copy_companion_files
+from megatron_tropd.writers import bind_writer_processes
 
 FORMAT_VERSION = 1
 METADATA_FILE = "megatron_tropd.json"
@@ -33,6 +34,10 @@ WEIGHTS_DIR = "model"
 # What a full or unwritable disk, or a missing or corrupt file, raises (torch.distributed.checkpoint
 # gathers every rank's exceptions into a CheckpointException, a BaseException).
 FILE_ERRORS = (OSError, CheckpointException)
+# What a write may raise besides: torch.save and megatron-core's writers raise RuntimeError (a
+# directory removed under them, ...) and more; any of them is a failed save. KeyboardInterrupt
+# and SystemExit are not.
+WRITE_ERRORS = (Exception, CheckpointException)
 
 
 def _rank() -> int:
@@ -62,8 +67,7 @@ def atomic_directory(target: str, overwrite: bool = False):
     every rank and is removed when it fails on any. Collective when torch.distributed is
     initialised (every rank gets the same path; rank 0 touches the file system): a rank whose
     block fails tells the others, and every rank raises a one-line `CheckpointError` naming the
-    first failure (a failure that is not a file-system one keeps its own exception and traceback
-    on the rank where it happened). Two limits: `overwrite` removes an existing `target` just
+    first failure, whatever the writer raised. Two limits: `overwrite` removes an existing `target` just
     before the rename, and a rank that fails inside a collective of megatron-core's
     dist_checkpointing leaves the others waiting in it until the process-group timeout."""
     check_output_dir(target, overwrite)
@@ -84,7 +88,7 @@ def atomic_directory(target: str, overwrite: bool = False):
     if failure is not None:
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        if error is not None and not isinstance(error, FILE_ERRORS):
+        if error is not None and not isinstance(error, WRITE_ERRORS):
             raise error
         raise CheckpointError(f"cannot write {target} ({failure})") from None
 
@@ -102,7 +106,7 @@ def on_rank_0(fn, target: str):
     if _rank() == 0:
         try:
             fn()
-        except FILE_ERRORS as e:
+        except WRITE_ERRORS as e:
             error = describe_error(e)
     failure = first_error(error)
     if failure is not None:
@@ -180,6 +184,7 @@ def write_model(directory: str, model, arch: ModelArch, *, source_dir: str = Non
         })
         os.makedirs(os.path.join(directory, WEIGHTS_DIR))
     _barrier()
+    bind_writer_processes()  # the trainer's optimiser save comes after this one
     dist_checkpointing.save(model.sharded_state_dict(), os.path.join(directory, WEIGHTS_DIR))
 
 
