@@ -25,6 +25,9 @@ setup(
         "numpy",
         "tqdm",
         "psutil",
+        "pyarrow",      # Parquet prompt files
+        "datasets",     # prompt directories written by datasets.Dataset.save_to_disk
+        "math-verify",  # the math verifier (LaTeX and numeric answer equivalence)
     ],
     entry_points={
         "console_scripts": [
@@ -35,6 +38,6 @@ setup(
         "dev": ["pytest", "matplotlib"],  # matplotlib: plots of tools/run_results.py
         "gpu": ["transformer-engine[pytorch]"],
         # benchmarks/vs_trl.py only; pip keeps an installed torch that satisfies TRL
-        "bench": ["trl==1.16.0", "datasets", "accelerate"],
+        "bench": ["trl==1.16.0", "accelerate"],
     },
 )

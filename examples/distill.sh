@@ -18,7 +18,8 @@
 # tools/plan_memory.py), MICRO_BATCH_SIZE (unset: rows per micro-batch by tokens), TEACHER_TOPK (64),
 # SAVE_INTERVAL (20), SEED (1234), BF16 (1), TE (1, TransformerEngine spec), TEACHER_RESPONSES
 # (TrOPD: offline teacher responses, examples/generate_teacher_responses.sh; without it
-# PREFIX_SOURCE, default online, generates them in the job; none turns guidance off).
+# PREFIX_SOURCE, default online, generates them in the job; none turns guidance off), VERIFIER
+# (unset; e.g. math: log the rollouts' pass rate against the prompts' answers).
 # Extra arguments go to `python -m megatron_tropd.train` (see its --help) after these and win.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -64,8 +65,9 @@ TRAINING_ARGS=(--train-iters "$TRAIN_ITERS" --prompts-per-iteration "${PROMPTS_P
                --lr-decay-style constant --weight-decay 0.1 --clip-grad 1.0 --seed "${SEED:-1234}")
 [ -n "${MICRO_BATCH_SIZE:-}" ] && TRAINING_ARGS+=(--micro-batch-size "$MICRO_BATCH_SIZE")
 
-DATA_ARGS=(--prompts "${PROMPTS:?PROMPTS=JSONL of prompts}" --prompt-template auto
+DATA_ARGS=(--prompts "${PROMPTS:?PROMPTS=prompts file (.jsonl, .parquet, ...)}" --prompt-template auto
            --max-prompt-length "${MAX_PROMPT_LENGTH:-1024}")
+[ -n "${VERIFIER:-}" ] && DATA_ARGS+=(--verifier "$VERIFIER")
 
 CHECKPOINT_ARGS=(--save "${SAVE:-runs/$METHOD}" --save-interval "${SAVE_INTERVAL:-20}")
 

@@ -54,7 +54,8 @@ DISTILL_ARGS=(--distill-method tropd --outlier-mode fkl)
 ROLLOUT_ARGS=(--samples-per-prompt 4 --max-new-tokens 64 --temperature 1.0 --teacher-topk 8)
 TRAINING_ARGS=(--train-iters "$ITERS" --prompts-per-iteration 8 --micro-batch-size 32
                --lr "${LR:-5e-4}" --lr-warmup-iters "$WARMUP" --weight-decay 0.0 --seed 1)
-DATA_ARGS=(--prompts "$OUT/data/train_prompts.jsonl" --prompt-template plain --max-prompt-length 16)
+DATA_ARGS=(--prompts "$OUT/data/train_prompts.jsonl" --prompt-template plain --max-prompt-length 16
+           --verifier addition)
 CHECKPOINT_ARGS=(--save "$OUT/tropd" --save-interval "$ITERS")
 LOGGING_ARGS=(--log-interval 10)
 "${TORCHRUN[@]}" -m megatron_tropd.train "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" \

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 
+from megatron_tropd import data
 from megatron_tropd.distill.losses import (METHOD_DEFAULTS, METHODS, OUTLIER_MODES, TRUST_REGIONS,
                                            DistillConfig)
 
@@ -168,12 +169,26 @@ def _add_training_args(parser):
 
 def _add_data_args(parser):
     g = parser.add_argument_group("data")
-    g.add_argument("--prompts", help="JSONL of prompts ({prompt} or {messages}, optional answer)")
-    g.add_argument("--sft-data", help="JSONL of {prompt|messages, response} for --mode sft")
-    g.add_argument("--tokenizer", help="SentencePiece .model file or HF tokenizer directory "
-                   "(default: the student checkpoint directory)")
-    g.add_argument("--prompt-template", choices=("auto", "chat", "plain"), default="auto")
+    g.add_argument("--prompts", help="prompts: .jsonl, .json, .parquet or a datasets "
+                   "save_to_disk directory (a prompt or messages column, optional answer)")
+    g.add_argument("--sft-data", help="the same with a response column, for --mode sft")
+    add_data_args(g)
     g.add_argument("--max-prompt-length", type=int, default=512)
+    g.add_argument("--verifier", help="log the pass rate of the student's rollouts per "
+                   "iteration, checked by this verifier (addition, math, exact or "
+                   "module:function) against the prompts' answers")
+
+
+def add_data_args(group):
+    """How prompt files are read and rendered: the trainer's and `evaluate`'s flags."""
+    group.add_argument("--tokenizer", help="SentencePiece .model file or HF tokenizer directory "
+                       "(default: the checkpoint directory's)")
+    group.add_argument("--prompt-template", choices=("auto", "chat", "plain"), default="auto",
+                       help="chat: the tokenizer's chat template; plain: 'Role: content' lines; "
+                            "auto: chat when the tokenizer has a template")
+    group.add_argument("--chat-template-file",
+                       help="a Jinja chat template replacing the tokenizer's (HF tokenizers)")
+    data.add_column_args(group)
 
 
 def _add_checkpoint_args(parser):
@@ -205,6 +220,9 @@ def _add_logging_args(parser):
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", help="TensorBoard event files (default: <save>/tensorboard)")
+    g.add_argument("--verbose", action="store_true",
+                   help="show every library warning (megatron-core, torch, transformers); by "
+                        "default the known-harmless ones are filtered (also TROPD_VERBOSE=1)")
 
 
 def _float_or_none(text: str):
@@ -243,7 +261,7 @@ def validate_args(args, world_size: int = 1):
     if args.mode == "sft" and not args.sft_data:
         raise ArgumentError("--mode sft needs --sft-data")
     for name in ("prompts", "sft_data", "teacher_responses", "tokenizer", "student_load",
-                 "teacher_load", "student_config", "teacher_config"):
+                 "teacher_load", "student_config", "teacher_config", "chat_template_file"):
         path = getattr(args, name)
         if path and not os.path.exists(path):
             raise ArgumentError(f"--{name.replace('_', '-')} {path} does not exist")
@@ -310,6 +328,13 @@ def validate_args(args, world_size: int = 1):
                             "--exit-duration-in-mins must be >= 0, --log-interval >= 1")
     if args.max_nonfinite_steps < 1:
         raise ArgumentError("--max-nonfinite-steps must be >= 1")
+    if args.verifier:
+        from megatron_tropd.tasks.verifiers import VerifierError, get_verifier
+
+        try:
+            get_verifier(args.verifier)
+        except VerifierError as e:
+            raise ArgumentError(f"--verifier: {e}") from None
     if args.bf16 and not _cuda_available():
         raise ArgumentError("--bf16 needs a GPU (CPU runs are fp32)")
     _warn_about_sampling(args)

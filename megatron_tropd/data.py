@@ -1,116 +1,133 @@
-"""Training data: JSONL files of prompts, SFT pairs and teacher responses read into token ids, and
-the sampler that deals prompts to data-parallel ranks in a deterministic, resumable order.
+"""Training and evaluation data: prompt files, SFT pairs and teacher responses read into token
+ids, and the sampler that deals prompts to data-parallel ranks in a deterministic, resumable order.
 
-File formats (one JSON object a line; blank lines skipped; unknown keys ignored):
-- prompts: `{"prompt": "text"}` or `{"messages": [{"role": ..., "content": ...}, ...]}`, with an
-  optional `"answer": "text"` for verifiers;
-- SFT: the same plus `"response": "text"`;
-- teacher responses: `{"index": <prompt index>, "response_ids": [ids]}`, or `"response": "text"`
-  when a tokenizer is given. A prompt's index is its line's place among the file's non-blank lines,
-  from 0.
+Files are JSON Lines, JSON, Parquet or a `datasets` save_to_disk directory (`records.read_rows`),
+one row a prompt; unknown columns are ignored. The columns read (`Columns`, flags `--prompt-key`,
+`--messages-key`, `--answer-key`, `--response-key`, `--source-key`):
+- the prompt: a `prompt` text, or chat `messages` ([{"role": ..., "content": ...}, ...]); a
+  `prompt` column holding such a list (verl's files) is messages too;
+- `answer` (optional): what a verifier checks a response against (a string or a number); a dotted
+  key reads a nested field (`reward_model.ground_truth`);
+- `source` (optional): the benchmark a row comes from, for per-source evaluation;
+- SFT rows also a `response` text.
+`--system-prompt` adds a system turn to prompts that have none. Teacher responses have a format of
+their own (`load_teacher_responses`).
 
-Every problem with a file is a `DataError` whose one-line message names it:
-`path:line: what is wrong` (`path: what is wrong` when the whole file is).
+Every problem with a file is a `DataError` whose one-line message names it: `path:line: what is
+wrong` (`path:row i:` outside JSON Lines; `path: what is wrong` when the whole file is).
 """
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from megatron_tropd.initialize import print_rank_0
+from megatron_tropd.records import DataError, json_type, read_rows
+from megatron_tropd.records import column as _column
 from megatron_tropd.tokenizer import (Tokenizer, TokenizerError, check_template, plain_chat_text,
                                       prompt_ids)
 
-
-class DataError(ValueError):
-    """A data file that cannot be used, with `path:line:` and what is wrong in one line."""
-
-
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
-               float: "a number", bool: "a boolean", type(None): "null"}
+__all__ = ["DataError", "Columns", "load_prompts", "load_sft", "load_teacher_responses",
+           "PromptSampler"]
 
 
-def _json_type(value) -> str:
-    return _JSON_TYPES[type(value)]
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Which columns of a data file hold what (a dotted name reads a nested field)."""
+
+    prompt: str = "prompt"
+    messages: str = "messages"
+    answer: str = "answer"
+    response: str = "response"
+    source: str = "data_source"
+    system_prompt: Optional[str] = None  # a system turn for prompts without one
 
 
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """The file's objects with their 1-based line numbers, blank lines skipped."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})")
-    records = []
-    # bytes.splitlines breaks only at \n, \r\n and \r, so numbers match what an editor shows.
-    for number, line in enumerate(raw.splitlines(), start=1):
-        try:
-            text = line.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{number}: not UTF-8 text")
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {_json_type(record)}")
-        records.append((number, record))
-    if not records:
-        raise DataError(f"{path}: empty file, no JSON lines")
-    return records
+def add_column_args(group):
+    """The flags of `Columns`, for every command that reads prompt files."""
+    d = Columns()
+    group.add_argument("--prompt-key", default=d.prompt,
+                       help="column of the prompt text (or of a list of chat messages)")
+    group.add_argument("--messages-key", default=d.messages, help="column of chat messages")
+    group.add_argument("--answer-key", default=d.answer,
+                       help="column of the reference answer (dotted for a nested field, e.g. "
+                            "reward_model.ground_truth)")
+    group.add_argument("--response-key", default=d.response, help="column of SFT responses")
+    group.add_argument("--source-key", default=d.source,
+                       help="column naming each row's source benchmark (per-source results)")
+    group.add_argument("--system-prompt", help="system turn added to prompts that have none")
 
 
-def _string(where: str, record: dict, key: str, *, optional: bool = False,
-            allow_empty: bool = False) -> Optional[str]:
-    """`record[key]`, checked to be a string; None when `optional` and absent or null."""
-    value = record.get(key)
-    if value is None and optional:
-        return None
-    if key not in record:
+def columns_from_args(args) -> Columns:
+    return Columns(prompt=args.prompt_key, messages=args.messages_key, answer=args.answer_key,
+                   response=args.response_key, source=args.source_key,
+                   system_prompt=args.system_prompt)
+
+
+def _value(where: str, row: dict, key: str, optional: bool = False):
+    value = _column(row, key, None)
+    if value is None and not optional:
         raise DataError(f"{where}: missing '{key}'")
+    return value
+
+
+def _string(where: str, row: dict, key: str, *, optional: bool = False,
+            allow_empty: bool = False) -> Optional[str]:
+    """`row[key]`, checked to be a string; None when `optional` and absent or null."""
+    value = _value(where, row, key, optional)
+    if value is None:
+        return None
     if not isinstance(value, str):
-        raise DataError(f"{where}: '{key}' must be a string, got {_json_type(value)}")
+        raise DataError(f"{where}: '{key}' must be a string, got {json_type(value)}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: '{key}' is empty")
     return value
 
 
-def _messages(where: str, messages) -> list[dict]:
+def _answer(where: str, row: dict, key: str) -> Optional[str]:
+    """The reference answer as text (numbers, as GSM8K-style files hold them, too)."""
+    value = _value(where, row, key, optional=True)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: '{key}' must be a string or a number, got {json_type(value)}")
+
+
+def _messages(where: str, key: str, messages) -> list[dict]:
     if not isinstance(messages, list):
-        raise DataError(f"{where}: 'messages' must be an array, got {_json_type(messages)}")
+        raise DataError(f"{where}: '{key}' must be an array, got {json_type(messages)}")
     if not messages:
-        raise DataError(f"{where}: 'messages' is empty")
+        raise DataError(f"{where}: '{key}' is empty")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: messages[{i}] must be an object, got {_json_type(message)}")
-        _string(f"{where}: messages[{i}]", message, "role")
+            raise DataError(f"{where}: {key}[{i}] must be an object, got {json_type(message)}")
+        _string(f"{where}: {key}[{i}]", message, "role")
         # An empty turn is legitimate (say, an empty system prompt).
-        _string(f"{where}: messages[{i}]", message, "content", allow_empty=True)
+        _string(f"{where}: {key}[{i}]", message, "content", allow_empty=True)
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _one_of(where: str, record: dict, first: str, second: str) -> str:
-    """Which of two alternative keys the line holds; an error unless exactly one."""
-    if (first in record) == (second in record):
-        held = "both" if first in record else "neither"
-        raise DataError(f"{where}: needs exactly one of '{first}' and '{second}', has {held}")
-    return first if first in record else second
-
-
-def _prompt(where: str, record: dict, tokenizer: Tokenizer, template: str):
-    """(prompt ids, prompt text for logs) of a line with `prompt` or `messages`."""
-    if _one_of(where, record, "prompt", "messages") == "prompt":
-        prompt, messages = _string(where, record, "prompt"), None
-        text = prompt
+def _prompt(where: str, row: dict, tokenizer: Tokenizer, template: str, columns: Columns):
+    """(prompt ids, prompt text for logs) of a row with a prompt or messages column."""
+    has_prompt = _column(row, columns.prompt, None) is not None
+    if has_prompt == (_column(row, columns.messages, None) is not None):
+        held = "both" if has_prompt else "neither"
+        raise DataError(f"{where}: needs exactly one of '{columns.prompt}' and "
+                        f"'{columns.messages}', has {held}")
+    prompt, messages = None, None
+    if has_prompt and not isinstance(_column(row, columns.prompt), list):
+        prompt = _string(where, row, columns.prompt)
     else:
-        prompt, messages = None, _messages(where, record["messages"])
-        text = plain_chat_text(messages)
+        key = columns.prompt if has_prompt else columns.messages
+        messages = _messages(where, key, _column(row, key))
+    if columns.system_prompt is not None:
+        messages = messages or [{"role": "user", "content": prompt}]
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": columns.system_prompt}, *messages]
+        prompt = None
+    text = prompt if messages is None else plain_chat_text(messages)
     try:
         return prompt_ids(tokenizer, prompt, messages, template), text
     except TokenizerError as e:
@@ -119,53 +136,57 @@ def _prompt(where: str, record: dict, tokenizer: Tokenizer, template: str):
 
 @dataclasses.dataclass
 class PromptExample:
-    index: int  # place of the line among the file's non-blank lines, from 0
+    index: int  # the row's place in the file, from 0
     prompt_ids: list[int]
     answer: Optional[str]  # what a verifier checks the response against
     prompt_text: str  # for logs: the prompt, or the messages in the plain template
+    source: Optional[str] = None  # the benchmark the row comes from
 
 
 def load_prompts(path, tokenizer: Tokenizer, template: str = "auto",
-                 max_prompt_length: Optional[int] = None) -> list[PromptExample]:
-    """Prompts of a JSONL file, tokenized with `template` (see `tokenizer.prompt_ids`)."""
+                 max_prompt_length: Optional[int] = None,
+                 columns: Columns = Columns()) -> list[PromptExample]:
+    """Prompts of a data file, tokenized with `template` (see `tokenizer.prompt_ids`)."""
     check_template(tokenizer, template)
     examples, unknown = [], _UnknownCharacters(path, tokenizer)
-    for index, (number, record) in enumerate(read_jsonl(path)):
-        where = f"{path}:{number}"
-        ids, text = _prompt(where, record, tokenizer, template)
-        unknown.check(number, text, ids)
+    for index, (where, row) in enumerate(read_rows(path)):
+        ids, text = _prompt(where, row, tokenizer, template, columns)
+        unknown.check(where, text, ids)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             raise DataError(f"{where}: prompt is {len(ids)} tokens, longer than the maximum "
                             f"prompt length {max_prompt_length}")
-        answer = _string(where, record, "answer", optional=True, allow_empty=True)
-        examples.append(PromptExample(index, ids, answer, text))
+        source = _value(where, row, columns.source, optional=True)
+        examples.append(PromptExample(index, ids, _answer(where, row, columns.answer), text,
+                                      None if source is None else str(source)))
     unknown.report()
     return examples
 
 
 class _UnknownCharacters:
-    """Lines of a file whose text holds characters the tokenizer maps to its unknown id (the
-    model would see `<unk>` there): one warning a file, with the count and the first line's
+    """Rows of a file whose text holds characters the tokenizer maps to its unknown id (the
+    model would see `<unk>` there): one warning a file, with the count and the first row's
     characters."""
 
     def __init__(self, path, tokenizer: Tokenizer):
         self.path, self.tokenizer = path, tokenizer
-        self.lines, self.first = 0, None
+        self.rows, self.first = 0, None
 
-    def check(self, number: int, text: str, ids: list[int]):
+    def check(self, where: str, text: str, ids: list[int]):
         unk = self.tokenizer.unk_id
         if unk is None or unk not in ids:
             return
-        self.lines += 1
+        self.rows += 1
         if self.first is None:
             chars = [c for c in dict.fromkeys(text) if unk in self.tokenizer.encode(c)]
-            self.first = (number, chars)
+            self.first = (where, chars)
 
     def report(self):
-        if self.lines:
-            number, chars = self.first
-            print_rank_0(f"warning: {self.path}: {self.lines} line(s) hold characters the "
-                         f"tokenizer maps to its unknown token (first at line {number}: "
+        if self.rows:
+            where, chars = self.first
+            place = where[len(str(self.path)) + 1:]  # "3" (a JSON line) or "row 2"
+            place = place if place.startswith("row") else f"line {place}"
+            print_rank_0(f"warning: {self.path}: {self.rows} row(s) hold characters the "
+                         f"tokenizer maps to its unknown token (first at {place}: "
                          f"{', '.join(map(repr, chars))})")
 
 
@@ -176,16 +197,15 @@ class SFTExample:
 
 
 def load_sft(path, tokenizer: Tokenizer, template: str = "auto",
-             max_length: Optional[int] = None) -> list[SFTExample]:
-    """Prompt-response pairs of a JSONL file; the response is followed by the EOS id."""
+             max_length: Optional[int] = None, columns: Columns = Columns()) -> list[SFTExample]:
+    """Prompt-response pairs of a data file; the response is followed by the EOS id."""
     check_template(tokenizer, template)
     examples, unknown = [], _UnknownCharacters(path, tokenizer)
-    for number, record in read_jsonl(path):
-        where = f"{path}:{number}"
-        ids, text = _prompt(where, record, tokenizer, template)
-        response_text = _string(where, record, "response")
+    for where, row in read_rows(path):
+        ids, text = _prompt(where, row, tokenizer, template, columns)
+        response_text = _string(where, row, columns.response)
         response = tokenizer.encode(response_text) + [tokenizer.eos_id]
-        unknown.check(number, text + response_text, ids + response)
+        unknown.check(where, text + response_text, ids + response)
         input_ids = ids + response
         if max_length is not None and len(input_ids) > max_length:
             raise DataError(f"{where}: prompt, response and EOS are {len(input_ids)} tokens, "
@@ -209,13 +229,12 @@ def load_teacher_responses(path, vocab_size: Optional[int] = None) -> dict:
     `prompt` and `response` texts (tools/generate_teacher_responses.py writes them) are for
     reading and are ignored. Keying by prompt ids makes the file independent of the order and
     sharding of the training prompts; a prompt given twice is an error."""
-    responses, lines = {}, {}
-    for number, record in read_jsonl(path):
-        where = f"{path}:{number}"
+    responses, rows = {}, {}
+    for where, record in read_rows(path):
         prompt = tuple(_token_ids(where, record, "prompt_ids", vocab_size))
-        if prompt in lines:
-            raise DataError(f"{where}: the same prompt_ids are already given on line {lines[prompt]}")
-        responses[prompt], lines[prompt] = _token_ids(where, record, "response_ids", vocab_size), number
+        if prompt in rows:
+            raise DataError(f"{where}: the same prompt_ids are already given at {rows[prompt]}")
+        responses[prompt], rows[prompt] = _token_ids(where, record, "response_ids", vocab_size), where
     return responses
 
 

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 # Console names of the metrics worth a glance; everything goes to TensorBoard.
 _CONSOLE = (("loss", "loss"), ("k1_reverse_kl", "k1"), ("trusted_fraction", "trusted"),
-            ("response_length", "resp len"), ("prefix_alpha", "alpha"), ("sft_loss", "ce"))
+            ("response_length", "resp len"), ("pass_rate", "pass"), ("prefix_alpha", "alpha"),
+            ("sft_loss", "ce"))
 
 
 class MetricsLogger:

@@ -35,6 +35,8 @@ class Run:
     sft_examples: Optional[list] = None
     # (prompts, global index of the first of them) -> one teacher response per prompt
     teacher_responses: Optional[Callable[[List[List[int]], int], List[List[int]]]] = None
+    # (response ids, its prompt's example) -> verifier outcome; None when nothing is checked
+    check_rollout: Optional[Callable[[List[int], object], str]] = None
     iteration: int = 0
     nonfinite_steps: int = 0            # optimiser steps skipped in a row (non-finite loss/grads)
     history: list = dataclasses.field(default_factory=list)
@@ -82,6 +84,8 @@ def setup_run(args) -> Run:
     )
     if args.mode == "distill" and args.prefix_source != "none":
         run.teacher_responses = _teacher_responses(args, run)
+    if args.mode == "distill" and args.verifier:
+        run.check_rollout = _rollout_checker(args, tokenizer, examples)
     checkpointing.resume(args, run)
     return run
 
@@ -94,12 +98,14 @@ def _tokenizer(args, student_arch: ModelArch):
     """The student's tokenizer, checked against the student's vocabulary and, when the teacher
     checkpoint carries tokenizer files, against the teacher's tokenizer."""
     from megatron_tropd.tokenizer import (TokenizerError, check_same_tokens, has_tokenizer,
-                                          load_tokenizer)
+                                          load_chat_template, load_tokenizer)
 
     path = args.tokenizer or args.student_load
     if path is None:
         raise TokenizerError("no tokenizer: give --tokenizer (the student was built from a config)")
     tokenizer = load_tokenizer(path)
+    if args.chat_template_file:
+        load_chat_template(tokenizer, args.chat_template_file)
     if tokenizer.vocab_size > student_arch.vocab_size:
         raise TokenizerError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, more "
                              f"than the student's vocabulary of {student_arch.vocab_size}")
@@ -112,19 +118,35 @@ def _data(args, tokenizer):
     from megatron_tropd import data
     from megatron_tropd.initialize import print_rank_0
 
+    columns = data.columns_from_args(args)
     if args.mode == "sft":
         path = args.sft_data
         examples = data.load_sft(path, tokenizer, args.prompt_template,
-                                 max_length=args.max_prompt_length + args.max_new_tokens)
+                                 args.max_prompt_length + args.max_new_tokens, columns)
     else:
         path = args.prompts
-        examples = data.load_prompts(path, tokenizer, args.prompt_template, args.max_prompt_length)
+        examples = data.load_prompts(path, tokenizer, args.prompt_template, args.max_prompt_length,
+                                     columns)
     if len(examples) < args.prompts_per_iteration:
         kind = "examples" if args.mode == "sft" else "prompts"
         print_rank_0(f"warning: {path} has {len(examples)} {kind}, fewer than "
                      f"--prompts-per-iteration {args.prompts_per_iteration}: {kind} repeat within "
                      f"an iteration")
     return examples
+
+
+def _rollout_checker(args, tokenizer, examples):
+    """The verifier of --verifier on decoded rollouts, or None (with a warning) when no prompt
+    carries an answer to check against."""
+    from megatron_tropd.initialize import print_rank_0
+    from megatron_tropd.tasks.verifiers import get_verifier
+
+    if all(e.answer is None for e in examples):
+        print_rank_0(f"warning: --verifier {args.verifier}: no prompt in {args.prompts} has an "
+                     f"'{args.answer_key}', so no pass rate is logged")
+        return None
+    verifier = get_verifier(args.verifier)
+    return lambda ids, example: verifier(tokenizer.decode(ids), example.answer)
 
 
 def _optimizer(args, model):

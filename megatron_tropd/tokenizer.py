@@ -65,7 +65,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, special tokens skipped."""
+        """Text of `ids`, special tokens and ids beyond the tokenizer's vocabulary skipped."""
         raise NotImplementedError
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
@@ -96,8 +96,9 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(text)
 
     def decode(self, ids):
-        # Control pieces (bos, eos, pad) decode to nothing.
-        return self._sp.decode(list(ids))
+        # Control pieces (bos, eos, pad) decode to nothing, and so do ids of the model's vocabulary
+        # beyond the tokenizer's (a student's vocabulary may be larger: it can sample them).
+        return self._sp.decode([i for i in ids if i < self.vocab_size])
 
     def tokens(self):
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
@@ -128,10 +129,16 @@ class HFTokenizer(Tokenizer):
         return self._hf.encode(text, add_special_tokens=False)
 
     def decode(self, ids):
-        return self._hf.decode(list(ids), skip_special_tokens=True)
+        return self._hf.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=True)
 
     def tokens(self):
         return self._hf.convert_ids_to_tokens(list(range(self.vocab_size)))
+
+    def use_chat_template(self, template: str):
+        """Render chats with `template` (Jinja, as in tokenizer_config.json) instead of the
+        tokenizer's own."""
+        self._hf.chat_template = template
+        self.has_chat_template = True
 
     def encode_chat(self, messages):
         from jinja2 import TemplateError
@@ -182,6 +189,18 @@ def load_tokenizer(path) -> Tokenizer:
         return SentencePieceTokenizer(path / SP_FILE)
     raise TokenizerError(f"{path}: holds no tokenizer.json, tokenizer_config.json or "
                          f"tokenizer.model")
+
+
+def load_chat_template(tokenizer: Tokenizer, path: str):
+    """`--chat-template-file`: the Jinja chat template in `path` replaces the tokenizer's own."""
+    if not isinstance(tokenizer, HFTokenizer):
+        raise TokenizerError(f"--chat-template-file needs a Hugging Face tokenizer directory; "
+                             f"{tokenizer.path} is a SentencePiece model")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"--chat-template-file {path}: cannot read ({_one_line(e)})")
+    tokenizer.use_chat_template(text)
 
 
 def check_template(tokenizer: Tokenizer, template: str):

@@ -42,6 +42,7 @@ from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout import prefix as prefix_schedule
 from megatron_tropd.rollout.generate import SamplingParams, generate
 from megatron_tropd.stopping import StopConditions
+from megatron_tropd.tasks.verifier import CORRECT
 from megatron_tropd.tokens import TokenBatch, TokenRecord, plan_micro_batches
 
 # Keys of the trust-test uniforms: distinct from the sampler's, the same (sample id, response
@@ -57,6 +58,7 @@ def main(argv=None):
     --exit-duration-in-mins or --exit-interval (a checkpoint saved; the same command resumes);
     2 with a one-line `error: ...` for bad input of any kind and for a run that cannot go on (a
     checkpoint that cannot be written, too many non-finite steps in a row)."""
+    from megatron_tropd import console
     from megatron_tropd.data import DataError
     from megatron_tropd.initialize import ParallelConfigError
     from megatron_tropd.models.arch import ArchitectureError
@@ -65,6 +67,7 @@ def main(argv=None):
     from megatron_tropd.tokenizer import TokenizerError
 
     args = arguments.parse_args(argv)
+    console.configure(args.verbose)
     try:
         train(args)
     except (arguments.ArgumentError, ArchitectureError, CheckpointError, DataError,
@@ -180,7 +183,25 @@ def rollouts(args, run, step):
     if _prefix_rows(args):
         metrics["prefix_alpha"] = (torch.tensor(prefix_schedule.prefix_fraction(
             step, args.prefix_anneal_steps)), torch.tensor(1.0))
+    if run.check_rollout is not None:
+        metrics["pass_rate"] = _pass_rate(args, run, batch, indices)
     return batch, metrics
+
+
+def _pass_rate(args, run, batch, indices):
+    """(correct, checked) over this rank's on-policy rollouts of prompts with an answer (the
+    teacher-prefix rows are not the student's own answers)."""
+    rows_per_prompt = args.samples_per_prompt + _prefix_rows(args)
+    responses = batch.responses()
+    correct = checked = 0
+    for i, index in enumerate(indices):
+        example = run.prompts[index]
+        if example.answer is None:
+            continue
+        for row in range(i * rows_per_prompt, i * rows_per_prompt + args.samples_per_prompt):
+            correct += run.check_rollout(responses[row], example) == CORRECT
+            checked += 1
+    return torch.tensor(float(correct)), torch.tensor(float(checked))
 
 
 def _prefix_rows(args) -> int:

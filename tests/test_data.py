@@ -3,7 +3,9 @@ with a hand-written vocabulary behind one interface, prompt ids under chat and p
 against hand-built ids, every malformed line's exact `path:line:` error, SFT loss masks, and the
 prompt sampler's order against torch's permutations, across epochs, DP sizes and resumes."""
 
+import dataclasses
 import json
+import sys
 
 import pytest
 import sentencepiece
@@ -12,8 +14,9 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from megatron_tropd.data import (DataError, PromptSampler, load_prompts, load_sft,
-                                 load_teacher_responses, read_jsonl)
+from megatron_tropd.data import (Columns, DataError, PromptSampler, load_prompts, load_sft,
+                                 load_teacher_responses)
+from megatron_tropd.records import read_rows
 from megatron_tropd.tokenizer import TokenizerError, load_tokenizer, prompt_ids
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
@@ -204,7 +207,8 @@ def test_load_prompts(hf, tmp_path):
     assert second.prompt_text == f"System: Be brief .\nUser: {QUESTION}\nAssistant: "
     assert [e.prompt_ids for e in load_prompts(path, hf, template="plain")] == [
         [BOS] + QUESTION_IDS, [BOS] + words(f"System: Be brief . User: {QUESTION} Assistant:")]
-    assert read_jsonl(path) == [(1, first_line), (3, {"messages": SYSTEM_AND_USER})]
+    assert list(read_rows(path)) == [(f"{path}:1", first_line),
+                                     (f"{path}:3", {"messages": SYSTEM_AND_USER})]
 
 
 def test_prompt_length_limit(hf, tmp_path):
@@ -252,9 +256,10 @@ MALFORMED = [
     ("prompts", '{"prompt": "hi", "messages": []}',
      "needs exactly one of 'prompt' and 'messages', has both"),
     ("prompts", '{"prompt": 5}', "'prompt' must be a string, got a number"),
-    ("prompts", '{"prompt": null}', "'prompt' must be a string, got null"),
+    ("prompts", '{"prompt": null}', "needs exactly one of 'prompt' and 'messages', has neither"),
     ("prompts", '{"prompt": " \\n "}', "'prompt' is empty"),
-    ("prompts", '{"prompt": "hi", "answer": ["5"]}', "'answer' must be a string, got an array"),
+    ("prompts", '{"prompt": "hi", "answer": ["5"]}',
+     "'answer' must be a string or a number, got an array"),
     ("prompts", '{"messages": "hi"}', "'messages' must be an array, got a string"),
     ("prompts", '{"messages": []}', "'messages' is empty"),
     ("prompts", '{"messages": ["hi"]}', "messages[0] must be an object, got a string"),
@@ -273,7 +278,7 @@ MALFORMED = [
     ("teacher", '{"response_ids": [1]}', "missing 'prompt_ids'"),
     ("teacher", '{"prompt_ids": [1]}', "missing 'response_ids'"),
     ("teacher", '{"prompt_ids": [7], "response_ids": [1]}',
-     "the same prompt_ids are already given on line 1"),
+     "the same prompt_ids are already given at {path}:1"),
     ("teacher", '{"prompt_ids": [2], "response_ids": "1 2"}',
      "'response_ids' must be an array of non-negative integers"),
     ("teacher", '{"prompt_ids": [2], "response_ids": [1, 2.0]}',
@@ -294,7 +299,7 @@ def test_malformed_line(hf, tmp_path, loader, line, what):
                     '{"prompt_ids": [7], "response_ids": [1]}'),
     }[loader]
     path = write_lines(tmp_path / "data.jsonl", good, "", line, good.replace("7", "8"))
-    assert data_error(load, path) == f"{path}:3: {what}"
+    assert data_error(load, path) == f"{path}:3: {what.format(path=path)}"
 
 
 def test_chat_template_error_names_the_line(tmp_path):
@@ -305,13 +310,14 @@ def test_chat_template_error_names_the_line(tmp_path):
         f"{path}:2: chat template of {tmp_path / 'bos'} failed: no system turns")
 
 
-@pytest.mark.parametrize("loader", [read_jsonl, load_teacher_responses])
+@pytest.mark.parametrize("loader", [lambda path: list(read_rows(path)), load_teacher_responses])
 def test_empty_missing_and_unreadable_files(tmp_path, loader):
     for content in ("", "\n  \n\n"):
         path = write_lines(tmp_path / "empty.jsonl", content)
-        assert data_error(loader, path) == f"{path}: empty file, no JSON lines"
+        assert data_error(loader, path) == f"{path}: empty file, no rows"
     assert data_error(loader, tmp_path / "no.jsonl") == f"{tmp_path / 'no.jsonl'}: no such file"
-    assert data_error(loader, tmp_path) == f"{tmp_path}: cannot read (Is a directory)"
+    assert data_error(loader, tmp_path) == (
+        f"{tmp_path}: a directory, but not one written by datasets' save_to_disk")
 
 
 # --- sampler ------------------------------------------------------------------------------------
@@ -378,3 +384,167 @@ def test_sampler_errors():
     with pytest.raises(ValueError, match=r"\(epoch 1, position 2, 12 consumed samples\) does not "
                                          r"fit 11 prompts"):
         PromptSampler(11, 4, 0, 1, 0).load_state_dict(state)
+
+
+# --- file formats and column mapping --------------------------------------------------------------
+
+# verl-style rows: the prompt a list of chat messages, the answer nested, a source column
+ROWS = [{"prompt": [{"role": "user", "content": QUESTION}],
+         "reward_model": {"ground_truth": "5"}, "data_source": "gsm8k"},
+        {"prompt": [{"role": "system", "content": "Be brief ."},
+                    {"role": "user", "content": "what is two plus two ?"}],
+         "reward_model": {"ground_truth": "4"}, "data_source": "math"}]
+VERL = Columns(answer="reward_model.ground_truth")
+
+
+def write_formats(directory, rows):
+    """The same rows as JSON Lines, a JSON array, JSON Lines named .json, Parquet (pyarrow) and a
+    datasets save_to_disk directory."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = {"jsonl": directory / "rows.jsonl", "json": directory / "rows.json",
+             "json_lines": directory / "lines.json", "parquet": directory / "rows.parquet",
+             "saved": directory / "saved"}
+    lines = "\n".join(json.dumps(row) for row in rows) + "\n"
+    paths["jsonl"].write_text(lines)
+    paths["json_lines"].write_text(lines)
+    paths["json"].write_text(json.dumps(rows, indent=1))
+    pq.write_table(pa.Table.from_pylist(rows), paths["parquet"])
+    datasets.Dataset.from_list(rows).save_to_disk(str(paths["saved"]))
+    return paths
+
+
+def test_every_format_reads_the_same_prompts(hf, tmp_path):
+    paths = write_formats(tmp_path, ROWS)
+    expected = [
+        ([BOS, USER] + QUESTION_IDS + [END, ASSISTANT], "5", "gsm8k"),
+        ([BOS, SYSTEM] + words("Be brief .") + [END, USER] + words("what is two plus two ?")
+         + [END, ASSISTANT], "4", "math")]
+    for name, path in paths.items():
+        examples = load_prompts(path, hf, columns=VERL)
+        assert [(e.prompt_ids, e.answer, e.source) for e in examples] == expected, name
+        assert [e.index for e in examples] == [0, 1], name
+
+
+def test_column_mapping_and_system_prompt(hf, sp, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "gsm8k.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": QUESTION, "label": 5, "split": "test"}]),
+                   path)
+    columns = Columns(prompt="question", answer="label", source="split")
+    [example] = load_prompts(path, hf, columns=columns)
+    assert (example.prompt_ids, example.answer, example.source) == (
+        [BOS, USER] + QUESTION_IDS + [END, ASSISTANT], "5", "test")
+    # a system turn for prompts without one; one that has its own keeps it
+    system = dataclasses.replace(columns, system_prompt="Be brief .")
+    [example] = load_prompts(path, hf, columns=system)
+    assert example.prompt_ids == ([BOS, SYSTEM] + words("Be brief .") + [END, USER]
+                                  + QUESTION_IDS + [END, ASSISTANT])
+    [_, own] = load_prompts(write_formats(tmp_path, ROWS)["parquet"], hf,
+                            columns=dataclasses.replace(VERL, system_prompt="Other ."))
+    assert own.prompt_ids[:3] == [BOS, SYSTEM, ID["Be"]]
+    # the plain template renders the system turn as a line
+    [plain] = load_prompts(path, sp, "plain", columns=system)
+    assert plain.prompt_text == f"System: Be brief .\nUser: {QUESTION}\nAssistant: "
+    # SFT rows through a response column of another name
+    sft = tmp_path / "sft.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "hello", "solution": "world"}]), sft)
+    [pair] = load_sft(sft, hf, "plain", columns=Columns(prompt="question", response="solution"))
+    assert pair.input_ids == [BOS, ID["hello"], ID["world"], EOS] and pair.prompt_length == 2
+
+
+def test_chat_template_file(tmp_path):
+    from megatron_tropd.tokenizer import load_chat_template
+
+    tokenizer = load_tokenizer(save_hf(tmp_path / "plain", chat_template=None))
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT)
+    load_chat_template(tokenizer, str(template))
+    assert prompt_ids(tokenizer, prompt=QUESTION, template="chat") == (
+        [BOS, USER] + QUESTION_IDS + [END, ASSISTANT])
+
+
+def test_chat_template_file_errors(sp, tmp_path):
+    from megatron_tropd.tokenizer import load_chat_template
+
+    with pytest.raises(TokenizerError) as error:
+        load_chat_template(sp, str(tmp_path / "chat.jinja"))
+    assert str(error.value) == (f"--chat-template-file needs a Hugging Face tokenizer directory; "
+                                f"{sp.path} is a SentencePiece model")
+
+
+def test_bad_table_files(hf, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def parquet(name, rows):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+
+    missing = parquet("missing", [{"question": "hi"}])
+    assert data_error(load_prompts, missing, hf) == (
+        f"{missing}:row 0: needs exactly one of 'prompt' and 'messages', has neither")
+    wrong_type = parquet("type", [{"prompt": "hi", "answer": None},
+                                  {"prompt": "ho", "answer": [1.5]}])
+    assert data_error(load_prompts, wrong_type, hf) == (
+        f"{wrong_type}:row 1: 'answer' must be a string or a number, got an array")
+    empty = parquet("empty", [{"prompt": "hi"}, {"prompt": "hi"}, {"prompt": "  "}])
+    assert data_error(load_prompts, empty, hf) == f"{empty}:row 2: 'prompt' is empty"
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 not really")
+    assert data_error(load_prompts, corrupt, hf).startswith(
+        f"{corrupt}: not a readable Parquet file (")
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "hi"}]),
+                          "test": datasets.Dataset.from_list([{"prompt": "ho"}])}
+                         ).save_to_disk(str(splits))
+    assert data_error(load_prompts, splits, hf) == (
+        f"{splits} holds the splits train, test: give one split's directory, e.g. "
+        f"{splits / 'train'}")
+    array = tmp_path / "array.json"
+    array.write_text('[{"prompt": "hi"}, 3]')
+    assert data_error(load_prompts, array, hf) == (
+        f"{array}:row 1: expected a JSON object, got a number")
+
+
+def test_large_files_stream(tmp_path):
+    """100k rows of ~1 KB: reading them row by row holds a batch at a time, not the file (peak
+    Python allocations while iterating, tracemalloc, far below the rows' own size)."""
+    import tracemalloc
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, text = 100_000, "x" * 1000
+    table = pa.table({"prompt": pa.array([text] * n), "answer": pa.array(range(n))})
+    parquet = tmp_path / "big.parquet"
+    pq.write_table(table, parquet, row_group_size=8192)
+    saved = tmp_path / "big"
+    datasets.Dataset(table).save_to_disk(str(saved))
+    jsonl = tmp_path / "big.jsonl"
+    with open(jsonl, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": text, "answer": i}) + "\n")
+    rows_size = n * (sys.getsizeof(text) + 200)  # the rows as Python objects, at the least
+    for path in (parquet, saved, jsonl):
+        tracemalloc.start()
+        count = sum(1 for _ in read_rows(path))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert count == n, path
+        assert peak < rows_size / 20, (path, peak, rows_size)
+
+
+def test_ids_beyond_the_tokenizer_decode_to_nothing(hf, sp):
+    """A student's vocabulary can be larger than its tokenizer's (padded): ids it samples there
+    decode to nothing instead of failing the rollout's pass rate or an evaluation."""
+    for tokenizer in (hf, sp):
+        ids = tokenizer.encode("hello world")
+        assert tokenizer.decode(ids + [tokenizer.vocab_size + 3]) == tokenizer.decode(ids)

@@ -59,7 +59,7 @@ CASES = {
         "error: {tmp}/prompts.jsonl:2: needs exactly one of 'prompt' and 'messages', has neither"),
     "empty_prompts": Case(
         "an empty prompts file",
-        "error: {tmp}/prompts.jsonl: empty file, no JSON lines"),
+        "error: {tmp}/prompts.jsonl: empty file, no rows"),
     "prompt_too_long": Case(
         "a prompt longer than --max-prompt-length",
         "error: {root}/prompts.jsonl:1: prompt is 10 tokens, longer than the maximum prompt "
@@ -177,13 +177,21 @@ CASES = {
     "clip_grad_negative": Case(
         "a negative --clip-grad",
         "error: --clip-grad must be >= 0, got -1.0"),
+    "unknown_verifier": Case(
+        "an unknown --verifier",
+        "error: --verifier: unknown verifier 'nope': built-in ones are addition, exact, math, or "
+        "give module:function"),
+    "parquet_column": Case(
+        "a Parquet prompts file without the prompt column (--prompt-key names another)",
+        "error: {tmp}/prompts.parquet:row 0: needs exactly one of 'question' and 'messages', has "
+        "neither"),
     "chat_template": Case(
         "--prompt-template chat with a tokenizer that has no chat template",
         "error: --prompt-template chat: the tokenizer {root}/tok.model has no chat template "
         "(auto falls back to the plain template)"),
     "unknown_characters": Case(
         "prompt text with characters the tokenizer maps to its unknown token (stdout)",
-        "warning: {tmp}/prompts.jsonl: 2 line(s) hold characters the tokenizer maps to its "
+        "warning: {tmp}/prompts.jsonl: 2 row(s) hold characters the tokenizer maps to its "
         "unknown token (first at line 2: '€', 'ü')", status=0),
     "few_prompts": Case(
         "a prompts file with fewer prompts than --prompts-per-iteration (stdout)",
@@ -295,6 +303,15 @@ def _write(path, *lines):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.writelines(line + "\n" for line in lines)
+    return str(path)
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if _rank0():
+        pq.write_table(pa.Table.from_pylist(rows), path)
     return str(path)
 
 
@@ -495,6 +512,10 @@ PREPARE = {
                            ("clip_grad", "nan"))},
     "adam_beta": lambda root, tmp: _flags(root, "--adam-beta2", "1"),
     "clip_grad_negative": lambda root, tmp: _flags(root, "--clip-grad", "-1"),
+    "unknown_verifier": lambda root, tmp: _flags(root, "--verifier", "nope"),
+    "parquet_column": lambda root, tmp: _flags(root, "--prompts", _parquet(
+        os.path.join(tmp, "prompts.parquet"), [{"prompt": "Q:1+2=", "answer": "3"}]),
+        "--prompt-key", "question"),
     "chat_template": lambda root, tmp: _flags(root, "--prompt-template", "chat"),
     "unknown_characters": _prompts_case(['{"prompt": "Q:1+2="}', '{"prompt": "Q:1€2ü="}',
                                          '{"prompt": "Q:2+2="}', '{"prompt": "Q:€="}']),
@@ -663,7 +684,7 @@ def test_bad_data_is_reported_before_the_models_are_built(bad_inputs):
     """A malformed prompts file fails before any model is built (minutes at real sizes); a
     problem only a rollout finds comes after both are."""
     for name in ("malformed_json", "not_an_object", "no_prompt_key", "empty_prompts",
-                 "prompt_too_long", "chat_template"):
+                 "prompt_too_long", "chat_template", "parquet_column"):
         assert bad_inputs[0][name][4] == 0, name
     assert bad_inputs[0]["context_too_long"][4] == 2
 

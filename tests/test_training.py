@@ -257,8 +257,43 @@ def _dp2_run(root):
 
     run = _train(root, "--micro-batch-size", "2", iters=1)
     rank = dist.get_rank()
-    return _losses(run), _grads(run), _online_teacher_responses(root, 2 * rank, 2 * rank + 2,
-                                                                2 * rank), _trust_draws(root)
+    return (_losses(run), _grads(run), _online_teacher_responses(root, 2 * rank, 2 * rank + 2,
+                                                                 2 * rank), _trust_draws(root),
+            _rollout_pass_rates(root))
+
+
+def even_length(response: str, answer: str) -> str:
+    """A verifier whose outcome depends on the response alone (the toy student rarely solves a
+    problem): `correct` for an even number of characters."""
+    return "correct" if len(response) % 2 == 0 else "wrong"
+
+
+def _rollout_pass_rates(root):
+    """Two iterations with --verifier (this module's `even_length`) and teacher-prefix rows:
+    the logged pass rates, and this rank's (correct, checked) counted here from the rollout
+    batches over the rows without a teacher prefix."""
+    from megatron_tropd import training
+    from megatron_tropd.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(root, "tok.model"))
+    generate, batches = training.generate, []
+
+    def recorded(*args, **kwargs):
+        batches.append(generate(*args, **kwargs))
+        return batches[-1]
+
+    training.generate = recorded
+    try:
+        run = _train(root, "--verifier", "test_training:even_length", "--prefix-source", "online",
+                     iters=2)
+    finally:
+        training.generate = generate
+    counts = []
+    for batch in batches:
+        own = [r for r, p in zip(batch.responses(), batch.prefix_lengths) if p == 0]
+        counts.append((sum(even_length(tokenizer.decode(r), "") == "correct" for r in own),
+                       len(own)))
+    return [h["pass_rate"] for h in run.history], counts
 
 
 def _learning(root, method):
@@ -516,6 +551,18 @@ def test_bf16_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tp1):
     ratios = tp1["bf16_ratios"]
     assert ratios["auto"] == 1.0
     assert ratios["off"] != 1.0 and abs(ratios["off"] - 1.0) < 0.05
+
+
+def test_rollout_pass_rate_is_logged_over_the_global_batch(dp2):
+    """--verifier logs, each iteration, the fraction of the student's own rollouts (teacher-prefix
+    rows left out) the verifier passes, over both data-parallel ranks."""
+    logged = dp2[1][4][0]  # the last rank logs
+    counts = [rank[4][1] for rank in dp2]
+    for iteration, rate in enumerate(logged):
+        correct = sum(rank[iteration][0] for rank in counts)
+        checked = sum(rank[iteration][1] for rank in counts)
+        assert checked == 2 * 4 and rate == pytest.approx(correct / checked)
+    assert len(logged) == 2
 
 
 def test_trust_draws_do_not_depend_on_the_data_parallel_size(tp1, dp2):

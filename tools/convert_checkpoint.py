@@ -58,11 +58,18 @@ def _parse_args(argv=None):
                        help="largest safetensors file to write, in GiB (default 2)")
     to_hf.add_argument("--overwrite", action="store_true",
                        help="replace --output-dir if it exists and is not empty")
+    for command in (to_mcore, to_hf):
+        command.add_argument("--verbose", action="store_true",
+                             help="show every library warning; by default the known-harmless ones "
+                                  "are filtered (megatron_tropd/console.py; also TROPD_VERBOSE=1)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = _parse_args(argv)
+    from megatron_tropd import console
+
+    console.configure(args.verbose)
     # Input checks first: they need neither a process group nor megatron-core.
     from megatron_tropd import conversion
     from megatron_tropd.initialize import initialize_distributed, print_rank_0
