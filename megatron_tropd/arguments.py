@@ -176,7 +176,13 @@ def _add_data_args(parser):
     g.add_argument("--max-prompt-length", type=int, default=512)
     g.add_argument("--verifier", help="log the pass rate of the student's rollouts per "
                    "iteration, checked by this verifier (addition, math, exact or "
-                   "module:function) against the prompts' answers")
+                   "module:function) against the prompts' answers; also checks --eval-data")
+    g.add_argument("--eval-data", help="held-out prompts with answers: the student's greedy "
+                   "pass@1 on them every --eval-interval iterations (TensorBoard eval/)")
+    g.add_argument("--eval-interval", type=int, default=0,
+                   help="iterations between held-out evaluations, and one before the first "
+                        "(0: never)")
+    g.add_argument("--eval-limit", type=int, default=0, help="first N --eval-data prompts (0: all)")
 
 
 def add_data_args(group):
@@ -261,7 +267,8 @@ def validate_args(args, world_size: int = 1):
     if args.mode == "sft" and not args.sft_data:
         raise ArgumentError("--mode sft needs --sft-data")
     for name in ("prompts", "sft_data", "teacher_responses", "tokenizer", "student_load",
-                 "teacher_load", "student_config", "teacher_config", "chat_template_file"):
+                 "teacher_load", "student_config", "teacher_config", "chat_template_file",
+                 "eval_data"):
         path = getattr(args, name)
         if path and not os.path.exists(path):
             raise ArgumentError(f"--{name.replace('_', '-')} {path} does not exist")
@@ -328,6 +335,12 @@ def validate_args(args, world_size: int = 1):
                             "--exit-duration-in-mins must be >= 0, --log-interval >= 1")
     if args.max_nonfinite_steps < 1:
         raise ArgumentError("--max-nonfinite-steps must be >= 1")
+    if bool(args.eval_data) != bool(args.eval_interval > 0) or args.eval_interval < 0:
+        raise ArgumentError("--eval-data and --eval-interval (>= 1) go together")
+    if args.eval_data and not args.verifier:
+        raise ArgumentError("--eval-data needs --verifier, to check the responses")
+    if args.eval_limit < 0:
+        raise ArgumentError("--eval-limit must be >= 0")
     if args.verifier:
         from megatron_tropd.tasks.verifiers import VerifierError, get_verifier
 

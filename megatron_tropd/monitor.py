@@ -23,6 +23,7 @@ class MetricsLogger:
         # per iteration: {name: mean}, throughputs and `<phase>_s` seconds (`iteration_s`: the
         # wall time since the previous iteration was logged), for tests, tools and benchmarks
         self.history = []
+        self.eval_history = []  # per held-out evaluation: {"iteration", **evaluate's figures}
         self.writer = None
         log_dir = args.tensorboard_dir or (f"{args.save}/tensorboard" if args.save else None)
         if self.is_writer and log_dir:
@@ -52,6 +53,22 @@ class MetricsLogger:
             self.writer.flush()
         if iteration % self.args.log_interval == 0 or iteration == self.args.train_iters:
             print(self._line(iteration, means, throughput), flush=True)
+
+    def log_eval(self, iteration: int, result: dict):
+        """A held-out evaluation (`evaluate.summarize`'s figures): TensorBoard eval/ and one
+        console line."""
+        self.eval_history.append({"iteration": iteration, **result})
+        if not self.is_writer:
+            return
+        figures = {name: result[name] for name in ("pass@1", "mean_length", "truncated")}
+        if self.writer is not None:
+            for name, value in figures.items():
+                self.writer.add_scalar(f"eval/{name}", value, iteration)
+            self.writer.flush()
+        counts = result["greedy"]
+        print(f"eval at iteration {iteration}: pass@1 {result['pass@1']:.4f} of "
+              f"{result['problems']} ({counts['correct']} correct, {counts['wrong']} wrong, "
+              f"{counts['malformed']} malformed)", flush=True)
 
     @staticmethod
     def _throughput(sums, timings):

@@ -35,11 +35,13 @@ class Run:
     sft_examples: Optional[list] = None
     # (prompts, global index of the first of them) -> one teacher response per prompt
     teacher_responses: Optional[Callable[[List[List[int]], int], List[List[int]]]] = None
-    # (response ids, its prompt's example) -> verifier outcome; None when nothing is checked
-    check_rollout: Optional[Callable[[List[int], object], str]] = None
+    tokenizer: object = None
+    verifier: Optional[Callable[[str, str], str]] = None  # --verifier: (response, answer) -> outcome
+    eval_examples: Optional[list] = None  # --eval-data: held-out prompts with answers
     iteration: int = 0
     nonfinite_steps: int = 0            # optimiser steps skipped in a row (non-finite loss/grads)
     history: list = dataclasses.field(default_factory=list)
+    eval_history: list = dataclasses.field(default_factory=list)
 
 
 def setup_run(args) -> Run:
@@ -78,14 +80,16 @@ def setup_run(args) -> Run:
         config=config, needs=losses.needs(config), student_arch=student_arch,
         student_source=args.student_load, vocab_size=student_arch.vocab_size,
         pad_id=tokenizer.pad_id, stop_ids=tuple(sorted({tokenizer.eos_id, *(args.stop_ids or [])})),
-        sampler=sampler, dp_rank=dp_rank,
+        sampler=sampler, dp_rank=dp_rank, tokenizer=tokenizer,
         prompts=examples if args.mode == "distill" else None,
         sft_examples=examples if args.mode == "sft" else None,
     )
     if args.mode == "distill" and args.prefix_source != "none":
         run.teacher_responses = _teacher_responses(args, run)
-    if args.mode == "distill" and args.verifier:
-        run.check_rollout = _rollout_checker(args, tokenizer, examples)
+    if args.verifier:
+        run.verifier = _verifier(args, examples)
+    if args.eval_data:
+        run.eval_examples = _eval_examples(args, tokenizer)
     checkpointing.resume(args, run)
     return run
 
@@ -135,18 +139,29 @@ def _data(args, tokenizer):
     return examples
 
 
-def _rollout_checker(args, tokenizer, examples):
-    """The verifier of --verifier on decoded rollouts, or None (with a warning) when no prompt
-    carries an answer to check against."""
+def _verifier(args, examples):
+    """--verifier's function; a warning when no training prompt carries an answer (no pass rate
+    of the rollouts is logged then)."""
     from megatron_tropd.initialize import print_rank_0
     from megatron_tropd.tasks.verifiers import get_verifier
 
-    if all(e.answer is None for e in examples):
+    if args.mode == "distill" and all(e.answer is None for e in examples):
         print_rank_0(f"warning: --verifier {args.verifier}: no prompt in {args.prompts} has an "
-                     f"'{args.answer_key}', so no pass rate is logged")
-        return None
-    verifier = get_verifier(args.verifier)
-    return lambda ids, example: verifier(tokenizer.decode(ids), example.answer)
+                     f"'{args.answer_key}', so no pass rate of the rollouts is logged")
+    return get_verifier(args.verifier)
+
+
+def _eval_examples(args, tokenizer):
+    from megatron_tropd import data
+
+    examples = data.load_prompts(args.eval_data, tokenizer, args.prompt_template,
+                                 args.max_prompt_length, data.columns_from_args(args))
+    examples = examples[:args.eval_limit] if args.eval_limit else examples
+    missing = next((e.index for e in examples if e.answer is None), None)
+    if missing is not None:
+        raise data.DataError(f"{args.eval_data}: problem {missing} has no '{args.answer_key}' "
+                             f"to verify against")
+    return examples
 
 
 def _optimizer(args, model):

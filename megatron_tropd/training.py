@@ -103,6 +103,8 @@ def _train(args, stop, dp):
                  f"{'' if args.mode == 'sft' else ' ' + args.method} for {args.train_iters} "
                  f"iterations from iteration {run.iteration} (DP={dp}, "
                  f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size})")
+    if args.eval_interval and run.iteration == 0:
+        logger.log_eval(run.iteration, heldout_pass_rate(args, run))
     with stop:  # from here on SIGTERM / SIGUSR1 finish the iteration and save
         while run.iteration < args.train_iters:
             step = run.iteration
@@ -124,6 +126,8 @@ def _train(args, stop, dp):
             sums = _reduce_over_data_parallel({**batch_metrics, **totals})  # one all-reduce
             sums["grad_norm"] = (torch.tensor(grad_norm), torch.tensor(1.0))
             logger.log(run.iteration, sums, timings, run.scheduler)
+            if args.eval_interval and run.iteration % args.eval_interval == 0:
+                logger.log_eval(run.iteration, heldout_pass_rate(args, run))
             reason = stop.reason(run.iteration)  # collective: every rank stops at one iteration
             if checkpointing.due(args, run.iteration) or (reason and args.save):
                 timed(timings, "checkpoint", checkpointing.save, args, run)
@@ -134,8 +138,21 @@ def _train(args, stop, dp):
                 break
     logger.close()
     print_rank_0(f"done: {run.iteration} iterations")
-    run.history = logger.history
+    run.history, run.eval_history = logger.history, logger.eval_history
     return run
+
+
+def heldout_pass_rate(args, run) -> dict:
+    """The student's greedy pass@1 (and outcome counts, lengths) on --eval-data, the prompts
+    split over data-parallel replicas (collective)."""
+    from megatron.core import parallel_state
+
+    from megatron_tropd.evaluate import evaluate
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), run.dp_rank
+    return evaluate(run.model, run.tokenizer, run.eval_examples[rank::dp], run.vocab_size,
+                    args.max_new_tokens, batch_size=args.rollout_batch_size, seed=args.seed,
+                    verifier=run.verifier)
 
 
 def timed(timings, name, fn, *args):
@@ -183,7 +200,7 @@ def rollouts(args, run, step):
     if _prefix_rows(args):
         metrics["prefix_alpha"] = (torch.tensor(prefix_schedule.prefix_fraction(
             step, args.prefix_anneal_steps)), torch.tensor(1.0))
-    if run.check_rollout is not None:
+    if run.verifier is not None:
         metrics["pass_rate"] = _pass_rate(args, run, batch, indices)
     return batch, metrics
 
@@ -199,7 +216,8 @@ def _pass_rate(args, run, batch, indices):
         if example.answer is None:
             continue
         for row in range(i * rows_per_prompt, i * rows_per_prompt + args.samples_per_prompt):
-            correct += run.check_rollout(responses[row], example) == CORRECT
+            correct += run.verifier(run.tokenizer.decode(responses[row]),
+                                    example.answer) == CORRECT
             checked += 1
     return torch.tensor(float(correct)), torch.tensor(float(checked))
 

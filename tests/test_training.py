@@ -268,6 +268,30 @@ def even_length(response: str, answer: str) -> str:
     return "correct" if len(response) % 2 == 0 else "wrong"
 
 
+def _heldout_evaluations(root):
+    """Two iterations with --eval-data held-out prompts every iteration (this module's
+    `even_length` verifier): the trainer's evaluations, and `evaluate.evaluate` run here on the
+    student before training and on the final checkpoint, loaded afresh."""
+    import tempfile
+
+    from megatron_tropd.checkpointing import latest_checkpoint
+    from megatron_tropd.data import load_prompts
+    from megatron_tropd.evaluate import evaluate, load_for_eval
+
+    save = tempfile.mkdtemp()
+    run = _train(root, "--verifier", "test_training:even_length", "--eval-data",
+                 os.path.join(root, "heldout.jsonl"), "--eval-interval", "1", "--save", save,
+                 iters=2)
+
+    def reference(directory):
+        arch, model, tokenizer = load_for_eval(directory, os.path.join(root, "tok.model"))
+        examples = load_prompts(os.path.join(root, "heldout.jsonl"), tokenizer, "plain", 16)
+        return evaluate(model, tokenizer, examples, arch.vocab_size, 8, verifier=even_length)
+
+    return run.eval_history, reference(os.path.join(root, "student")), reference(
+        latest_checkpoint(save))
+
+
 def _rollout_pass_rates(root):
     """Two iterations with --verifier (this module's `even_length`) and teacher-prefix rows:
     the logged pass rates, and this rank's (correct, checked) counted here from the rollout
@@ -402,7 +426,8 @@ def _tp1_worker(root):
                 exact=exact, references=_references(root, exact),
                 teacher_responses={offset: _online_teacher_responses(root, 0, 4, offset)
                                    for offset in (0, 4)},
-                trust_draws=_trust_draws(root), bf16_ratios=_bf16_first_ratios(root))
+                trust_draws=_trust_draws(root), bf16_ratios=_bf16_first_ratios(root),
+                evaluations=_heldout_evaluations(root))
 
 
 def _tp2_worker(root, resume_dir):
@@ -551,6 +576,17 @@ def test_bf16_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tp1):
     ratios = tp1["bf16_ratios"]
     assert ratios["auto"] == 1.0
     assert ratios["off"] != 1.0 and abs(ratios["off"] - 1.0) < 0.05
+
+
+def test_heldout_evaluation_during_training(tp1):
+    """--eval-data/--eval-interval: greedy held-out figures before the first iteration and after
+    each, those at the start and the end equal to evaluating the initial student and the final
+    checkpoint on their own."""
+    history, before, after = tp1["evaluations"]
+    assert [h["iteration"] for h in history] == [0, 1, 2]
+    for logged, expected in ((history[0], before), (history[-1], after)):
+        assert {k: logged[k] for k in ("problems", "pass@1", "greedy", "mean_length")} == {
+            k: expected[k] for k in ("problems", "pass@1", "greedy", "mean_length")}
 
 
 def test_rollout_pass_rate_is_logged_over_the_global_batch(dp2):
