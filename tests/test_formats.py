@@ -109,3 +109,29 @@ def test_tokenizer_corpus_holds_every_format():
     lines = formats.tokenizer_corpus(PROBLEMS[:3])
     assert len(lines) == 3 * len(formats.FORMATS)
     assert {formats.format_of(line.split("=", 1)[1]) for line in lines} == set(formats.FORMATS)
+
+
+def test_subword_tokenizer_for_the_formats(tmp_path):
+    """tools/train_tokenizer.py --task formats: a BPE of the asked size (so top-k 8..16 truncates
+    the teacher's distribution) that spells every format exactly, in fewer ids than characters;
+    the addition task's stays one piece per character."""
+    import importlib.util
+    import os
+
+    from megatron_tropd.tokenizer import load_tokenizer
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "train_tokenizer.py")
+    spec = importlib.util.spec_from_file_location("train_tokenizer", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.train_tokenizer(str(tmp_path / "formats.model"), task="formats", vocab_size=384)
+    tool.train_tokenizer(str(tmp_path / "chars.model"))
+    bpe, chars = (load_tokenizer(tmp_path / f"{name}.model") for name in ("formats", "chars"))
+    assert bpe.vocab_size == 384
+    for p in PROBLEMS[:50]:
+        for fmt in formats.FORMATS:
+            text = p.prompt + formats.solution(p, fmt)
+            ids = bpe.encode(text)
+            assert bpe.decode(ids) == text and bpe.unk_id not in ids
+            assert len(ids) < 0.8 * len(text), (fmt, len(ids), len(text))
+        assert len(chars.encode(p.prompt + p.solution())) == len(p.prompt + p.solution())
