@@ -283,6 +283,7 @@ def run(args) -> list:
 
     from megatron_tropd.data import columns_from_args, load_prompts
     from megatron_tropd.initialize import initialize_distributed, print_rank_0
+    from megatron_tropd.tasks.splits import write_jsonl
     from megatron_tropd.tasks.verifiers import get_verifier
     from megatron_tropd.tokenizer import load_chat_template
 
@@ -310,7 +311,9 @@ def run(args) -> list:
                           args.batch_size, args.seed, verifier, responses)
         if responses is not None:
             path = args.save_responses + (f".{label}" if len(args.load) > 1 else "")
-            _write_jsonl(path, _gather_over_data_parallel(responses))
+            responses = _gather_over_data_parallel(responses)
+            if _rank0():
+                write_jsonl(path, responses)
         result.update(load=load, data=args.data, verifier=args.verifier,
                       seconds=round(time.perf_counter() - start, 1))
         print_rank_0(f"[eval] {label}: pass@1 {result['pass@1']:.3f} ({result['seconds']} s)")
@@ -322,13 +325,6 @@ def _rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _write_jsonl(path, rows):
-    if _rank0():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def _report(args, rows):

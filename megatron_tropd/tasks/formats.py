@@ -21,13 +21,12 @@ far distillation moves the student onto the teacher's formats).
 """
 
 import argparse
-import json
 import os
 import random
 import re
 
 from megatron_tropd.tasks.addition import Problem
-from megatron_tropd.tasks.splits import heldout_problems, train_problems
+from megatron_tropd.tasks.splits import heldout_problems, train_problems, write_jsonl
 
 TEACHER_FORMATS = ("carry", "spaced", "checked")
 STUDENT_FORMAT = "paren"
@@ -124,12 +123,9 @@ def write_task_files(output_dir: str, train: int, heldout: int, teacher_format_f
         "student_sft": student_examples(trained, teacher_format_fraction, seed),
         "heldout": [{"prompt": p.prompt, "answer": p.answer} for p in held],
     }
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {}
+    paths = {name: os.path.join(output_dir, f"{name}.jsonl") for name in rows}
     for name, records in rows.items():
-        paths[name] = os.path.join(output_dir, f"{name}.jsonl")
-        with open(paths[name], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        write_jsonl(paths[name], records)
     return paths
 
 

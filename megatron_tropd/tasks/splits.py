@@ -56,16 +56,17 @@ def train_problems(count: int, heldout: list[Problem], seed: int = 0, min_digits
 
 def write_prompts(path: str, problems: list[Problem]):
     """Prompt JSONL (`{prompt, answer}`) for distillation and evaluation."""
-    _write_jsonl(path, ({"prompt": p.prompt, "answer": p.answer} for p in problems))
+    write_jsonl(path, ({"prompt": p.prompt, "answer": p.answer} for p in problems))
 
 
 def write_sft(path: str, problems: list[Problem]):
     """SFT JSONL (`{prompt, response, answer}`): the worked solutions."""
-    _write_jsonl(path, ({"prompt": p.prompt, "response": p.solution(), "answer": p.answer}
+    write_jsonl(path, ({"prompt": p.prompt, "response": p.solution(), "answer": p.answer}
                         for p in problems))
 
 
-def _write_jsonl(path, records):
+def write_jsonl(path, records):
+    """One JSON object a line (the directory made if needed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
