@@ -200,7 +200,9 @@ def rollouts(args, run, step):
     if _prefix_rows(args):
         metrics["prefix_alpha"] = (torch.tensor(prefix_schedule.prefix_fraction(
             step, args.prefix_anneal_steps)), torch.tensor(1.0))
-    if run.verifier is not None:
+    from megatron.core import parallel_state
+
+    if run.verifier is not None and parallel_state.is_pipeline_last_stage():  # reduced there
         metrics["pass_rate"] = _pass_rate(args, run, batch, indices)
     return batch, metrics
 
@@ -209,12 +211,11 @@ def _pass_rate(args, run, batch, indices):
     """(correct, checked) over this rank's on-policy rollouts of prompts with an answer (the
     teacher-prefix rows are not the student's own answers)."""
     rows_per_prompt = args.samples_per_prompt + _prefix_rows(args)
-    responses = batch.responses()
+    answered = [(i, run.prompts[index]) for i, index in enumerate(indices)
+                if run.prompts[index].answer is not None]
+    responses = batch.responses() if answered else []  # nothing decoded without answers
     correct = checked = 0
-    for i, index in enumerate(indices):
-        example = run.prompts[index]
-        if example.answer is None:
-            continue
+    for i, example in answered:
         for row in range(i * rows_per_prompt, i * rows_per_prompt + args.samples_per_prompt):
             correct += run.verifier(run.tokenizer.decode(responses[row]),
                                     example.answer) == CORRECT

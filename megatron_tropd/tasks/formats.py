@@ -15,12 +15,10 @@ format with probability `teacher_format_fraction` (the mismatch knob: 1.0 matche
 and `STUDENT_FORMAT`, which the teacher never writes, otherwise: on-policy, a mismatched student's
 format tokens are ones the teacher finds unlikely, the regime where the paper says OPD's K1
 advantage misleads. `format_of` tells which format a response is written in (for measuring how
-far distillation moves the student onto the teacher's formats).
-
-    python -m megatron_tropd.tasks.formats --output-dir data/formats --teacher-format-fraction 0.3
+far distillation moves the student onto the teacher's formats). `write_task_files` writes the data
+files (tools/make_toy_models.py --task formats calls it).
 """
 
-import argparse
 import os
 import random
 import re
@@ -128,23 +126,3 @@ def write_task_files(output_dir: str, train: int, heldout: int, teacher_format_f
         write_jsonl(paths[name], records)
     return paths
 
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--train", type=int, default=20000, help="train problems")
-    p.add_argument("--heldout", type=int, default=500, help="held-out problems")
-    p.add_argument("--teacher-format-fraction", type=float, default=0.0,
-                   help="the student's SFT rows in a teacher format (1.0 matched, 0.0 mismatched)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        paths = write_task_files(args.output_dir, args.train, args.heldout,
-                                 args.teacher_format_fraction, args.seed)
-    except ValueError as e:
-        p.exit(2, f"error: {e}\n")
-    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
-
-
-if __name__ == "__main__":
-    main()
