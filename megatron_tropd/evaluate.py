@@ -89,8 +89,10 @@ def evaluate(model, tokenizer, examples, vocab_size: int, max_new_tokens: int,
              pass_k=(1,), samples: int = 0, temperature: float = 1.0, batch_size: int = 64,
              seed: int = 0, verifier=verify, responses_out: list = None) -> dict:
     """The figures of `summarize` for greedy responses and, when `samples` > 0, `samples`
-    sampled ones per example. Collective over the model-parallel group (every rank passes the
-    same examples). `responses_out` collects the greedy responses as `--responses` reads them."""
+    sampled ones per example, over every data-parallel replica's examples. Collective: the ranks
+    of a model-parallel group pass the same examples, data-parallel replicas their own slices
+    (the figures are of all of them). `responses_out` collects this rank's greedy responses as
+    `--responses` reads them."""
     from megatron_tropd.rollout.generate import SamplingParams
 
     stop = (tokenizer.eos_id,)
