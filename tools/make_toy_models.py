@@ -13,7 +13,13 @@ its SFT rows in a teacher format; `student-f1` matched, `student-f0` mismatched)
 formats of its greedy held-out answers in models.json.
 
     python tools/make_toy_models.py --output-dir examples/toy
-    python tools/make_toy_models.py --task formats --output-dir examples/toy_formats
+    python tools/make_toy_models.py --task formats --output-dir examples/toy_formats \\
+        --teacher-iters 3000 --teacher-stop 3000 --teacher-min-lr 1e-4 \\
+        --student-iters 1500 --student-stop 700 300      # examples/toy_formats/models.json
+
+The formats students stop at different iterations (one `--student-stop` per fraction) so that both
+start at about the same held-out pass@1 (~20%): the mismatched one learns its own, simpler format
+faster.
 """
 
 import json
@@ -112,13 +118,14 @@ def _task_data(args, work: str):
             args.task, "--vocab-size", str(VOCAB_SIZE["formats"]))
     teacher, student = _arches(args.task)
     teacher_run = (args.teacher_iters, args.teacher_stop, args.teacher_min_lr)
-    student_run = (args.student_iters, args.student_stop, args.student_min_lr)
     if args.task == "addition":
         data = write_task_files(os.path.join(work, "data"), train=50000, heldout=500)
+        student_run = (args.student_iters, args.student_stop[0], args.student_min_lr)
         return tokenizer, data["heldout"], [("teacher", teacher, data["train_sft"], *teacher_run),
                                             ("student", student, data["train_sft"], *student_run)]
     models = []
-    for fraction in args.teacher_format_fractions:
+    for fraction, stop in zip(args.teacher_format_fractions, args.student_stop):
+        student_run = (args.student_iters, stop, args.student_min_lr)
         data = formats.write_task_files(os.path.join(work, f"data_f{fraction:g}"), train=50000,
                                         heldout=500, teacher_format_fraction=fraction)
         if not models:  # the teacher's rows and the splits are the same at every fraction
@@ -134,7 +141,8 @@ def main():
     parser.add_argument("--teacher-iters", type=int, default=600, help="of the LR schedule")
     parser.add_argument("--teacher-stop", type=int, default=400, help="iterations trained")
     parser.add_argument("--student-iters", type=int, default=600, help="of the LR schedule")
-    parser.add_argument("--student-stop", type=int, default=225, help="iterations trained")
+    parser.add_argument("--student-stop", type=int, nargs="+", default=[225],
+                        help="iterations trained (formats: one value, or one per fraction)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak LR of both")
     parser.add_argument("--teacher-min-lr", type=float, default=2e-4)
     parser.add_argument("--student-min-lr", type=float, default=3e-4)
@@ -143,6 +151,11 @@ def main():
     parser.add_argument("--teacher-format-fractions", type=float, nargs="+", default=[1.0, 0.0],
                         help="formats: one student per share of its SFT rows in teacher formats")
     args = parser.parse_args()
+    fractions = args.teacher_format_fractions if args.task == "formats" else [None]
+    if len(args.student_stop) == 1:
+        args.student_stop *= len(fractions)
+    if len(args.student_stop) != len(fractions):
+        parser.error(f"--student-stop takes one value or one per student ({len(fractions)})")
     work = args.work_dir or tempfile.mkdtemp(prefix="toy_models_")
     os.makedirs(args.output_dir, exist_ok=True)
     tokenizer, heldout, models = _task_data(args, work)
