@@ -10,22 +10,15 @@ import sys
 from megatron_tropd import data
 from megatron_tropd.distill.losses import (METHOD_DEFAULTS, METHODS, OUTLIER_MODES, TRUST_REGIONS,
                                            DistillConfig)
+from megatron_tropd.errors import ArgumentParser, UserError
 
 
-class ArgumentError(ValueError):
+class ArgumentError(UserError):
     """A bad flag or flag combination: one-line message."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's own errors (unknown flag, invalid choice, missing value) as the one line every
-    other error is, without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m megatron_tropd.train",
         description="On-policy distillation (TrOPD and baselines) and SFT on megatron-core. "
                     "Run under torchrun: torchrun --nproc-per-node N -m megatron_tropd.train ...",

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd import faults, resume_flags
+from megatron_tropd.records import DataError
 from megatron_tropd.initialize import first_error, print_rank_0
 from megatron_tropd.models import checkpoint as model_checkpoint
 from megatron_tropd.models.hf_checkpoint import CheckpointError
@@ -185,7 +186,7 @@ def resume(args, run):
         run.scheduler.load_state_dict(schedule)
     try:
         run.sampler.load_state_dict(trainer["sampler"])
-    except ValueError as e:  # another --seed, or a prompts file of another size
+    except DataError as e:  # another --seed, or a prompts file of another size
         raise CheckpointError(f"cannot resume from {directory}: {e}") from None
     resume_flags.announce_changes(args, trainer.get("flags", {}))
     run.iteration = meta["iteration"]

@@ -1,34 +1,19 @@
-"""What the command-line tools share: bad input reported as one line on stderr (no traceback),
-launch-size checks and a free port for launches of their own."""
+"""What the command-line tools share: the parser that shows a tool's docstring, launch-size
+checks and a free port for launches of their own. (Errors: `megatron_tropd.errors`.)"""
 
 import argparse
 import os
 import socket
-import sys
 
-from megatron_tropd.initialize import ParallelConfigError
-from megatron_tropd.models.arch import ArchitectureError
-from megatron_tropd.models.hf_checkpoint import CheckpointError
-from megatron_tropd.models.parity import ParityError
-
-USER_ERRORS = (ArchitectureError, CheckpointError, ParallelConfigError, ParityError)
-
-
-def run_main(main):
-    """Call `main()`; a user error becomes `error: <message>` and exit status 1."""
-    try:
-        main()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+from megatron_tropd.errors import ArgumentParser, UserError
 
 
 def argument_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose --help shows a tool's docstring: the first paragraph as the description,
     the rest (the example commands) after the options."""
     first, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(description=first, epilog=rest,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return ArgumentParser(description=first, epilog=rest,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def world_size() -> int:
@@ -41,7 +26,7 @@ def require_world_size(expected: int, what: str):
         return
     how = (f"`torchrun --nproc-per-node {expected} ...`" if expected > 1
            else "plain python, not torchrun")
-    raise ParallelConfigError(
+    raise UserError(
         f"{what} needs {expected} process(es), this launch has {world_size()}: run it with {how}"
     )
 

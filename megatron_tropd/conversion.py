@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from megatron_tropd.initialize import ParallelConfigError
+from megatron_tropd.errors import UserError
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.builder import build_model, check_parallel_layout
 from megatron_tropd.models.checkpoint import (atomic_directory, check_output_dir, load_model,
@@ -90,7 +90,7 @@ def hf_to_megatron(hf_dir: str, output_dir: str, dtype: torch.dtype = torch.floa
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     if dist.get_world_size() != tp * pp:
-        raise ParallelConfigError(f"conversion runs on TP x PP = {tp * pp} processes, not "
+        raise UserError(f"conversion runs on TP x PP = {tp * pp} processes, not "
                               f"{dist.get_world_size()} (no data-parallel replicas)")
     check_output_dir(output_dir, overwrite)
     arch, model = build_from_hf(hf_dir, dtype)

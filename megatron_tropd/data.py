@@ -303,14 +303,14 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         epoch, position = state["epoch"], state["position"]
         if state["seed"] != self.seed:
-            raise ValueError(f"the data sampler state was saved with seed {state['seed']}, this "
-                             f"run has seed {self.seed}")
+            raise DataError(f"the data sampler state was saved with seed {state['seed']}, this "
+                            f"run has seed {self.seed}")
         # consumed = epoch * N + position holds for any state of a sampler over N prompts, so a
         # mismatch means the prompt file changed size since the save.
         if not 0 <= position < self.num_examples or (
                 state["consumed_samples"] != epoch * self.num_examples + position):
-            raise ValueError(f"the data sampler state (epoch {epoch}, position {position}, "
-                             f"{state['consumed_samples']} consumed samples) does not fit "
-                             f"{self.num_examples} prompts")
+            raise DataError(f"the data sampler state (epoch {epoch}, position {position}, "
+                            f"{state['consumed_samples']} consumed samples) does not fit "
+                            f"{self.num_examples} prompts")
         self.epoch, self.position = epoch, position
         self.consumed_samples = state["consumed_samples"]

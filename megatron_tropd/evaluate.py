@@ -23,12 +23,12 @@ data-parallel replicas that split the prompts.
 import dataclasses
 import json
 import os
-import sys
 import time
 from math import comb
 from typing import Optional
 
-from megatron_tropd import cli
+from megatron_tropd import cli, errors
+from megatron_tropd.errors import UserError
 from megatron_tropd.tasks.verifier import CORRECT, MALFORMED, WRONG, verify
 
 
@@ -236,30 +236,27 @@ def _parse_args(argv=None):
 
 
 def main(argv=None):
+    """Console entry point: exit status 2 with a one-line `error: ...` for bad input
+    (`errors.run_main`)."""
     from megatron_tropd import console
-    from megatron_tropd.data import DataError
-    from megatron_tropd.rollout.generate import GenerationError
-    from megatron_tropd.tasks.verifiers import VerifierError
-    from megatron_tropd.tokenizer import TokenizerError
 
     args = _parse_args(argv)
     console.configure(args.verbose)
-    try:
-        if bool(args.load) == bool(args.responses):
-            raise ValueError("give --load (generate and score) or --responses (score a file)")
-        if args.load and not args.data:
-            raise ValueError("--load needs --data, the prompts to answer")
-        if args.samples and max(args.pass_k) > args.samples:
-            raise ValueError(f"--pass-k {max(args.pass_k)} needs --samples >= {max(args.pass_k)}")
-        rows = len(args.load) if args.load else 1  # --responses: one row
-        if args.label and len(args.label) != rows:
-            raise ValueError(f"{len(args.label)} labels for {rows} table rows")
-        rows = score_file(args) if args.responses else run(args)
-        _report(args, rows)
-    except (*cli.USER_ERRORS, DataError, GenerationError, TokenizerError, VerifierError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    errors.run_main(_evaluate, args)
+
+
+def _evaluate(args):
+    if bool(args.load) == bool(args.responses):
+        raise UserError("give --load (generate and score) or --responses (score a file)")
+    if args.load and not args.data:
+        raise UserError("--load needs --data, the prompts to answer")
+    if args.samples and max(args.pass_k) > args.samples:
+        raise UserError(f"--pass-k {max(args.pass_k)} needs --samples >= {max(args.pass_k)}")
+    rows = len(args.load) if args.load else 1  # --responses: one row
+    if args.label and len(args.label) != rows:
+        raise UserError(f"{len(args.label)} labels for {rows} table rows")
+    rows = score_file(args) if args.responses else run(args)
+    _report(args, rows)
 
 
 def score_file(args) -> list:
@@ -271,7 +268,7 @@ def score_file(args) -> list:
     prompts = None
     if args.data:
         if not args.tokenizer:
-            raise ValueError("--responses with --data needs --tokenizer (to read the prompts)")
+            raise UserError("--responses with --data needs --tokenizer (to read the prompts)")
         prompts = load_prompts(args.data, load_tokenizer(args.tokenizer), args.prompt_template,
                                columns=columns_from_args(args))
     result = score_responses(args.responses, get_verifier(args.verifier), prompts)
@@ -283,7 +280,7 @@ def run(args) -> list:
     """Generate with each --load in turn and score; (label, result) rows."""
     from megatron.core import parallel_state as ps
 
-    from megatron_tropd.data import columns_from_args, load_prompts
+    from megatron_tropd.data import DataError, columns_from_args, load_prompts
     from megatron_tropd.initialize import initialize_distributed, print_rank_0
     from megatron_tropd.tasks.splits import write_jsonl
     from megatron_tropd.tasks.verifiers import get_verifier
@@ -303,8 +300,8 @@ def run(args) -> list:
             examples = examples[:args.limit]
         missing = [e.index for e in examples if e.answer is None]
         if missing:
-            raise ValueError(f"{args.data}: problem {missing[0]} has no '{args.answer_key}' to "
-                             f"verify against")
+            raise DataError(f"{args.data}: problem {missing[0]} has no '{args.answer_key}' to "
+                            f"verify against")
         # Data-parallel replicas take interleaved slices; the results are gathered over them.
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         responses = [] if args.save_responses else None

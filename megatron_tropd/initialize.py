@@ -13,9 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot work (world size not divisible, ...): one-line message."""
+from megatron_tropd.errors import UserError
 
 
 def initialize_distributed(
@@ -44,7 +42,7 @@ def initialize_distributed(
     world_size = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world_size % model_parallel != 0:
-        raise ParallelConfigError(
+        raise UserError(
             f"world size {world_size} is not divisible by tensor-model-parallel size "
             f"{tensor_model_parallel_size} x pipeline-model-parallel size "
             f"{pipeline_model_parallel_size}"
@@ -67,7 +65,7 @@ def initialize_distributed(
 def _init_process_group(backend: str, timeout: timedelta):
     """Under torchrun (WORLD_SIZE and the rendezvous address in the environment): rank 0 serves
     the store at MASTER_ADDR:MASTER_PORT, and a failure to serve or reach it is a one-line
-    `ParallelConfigError` naming the address. A plain single process needs no port: its store is
+    `UserError` naming the address. A plain single process needs no port: its store is
     in memory, so any number of them run side by side on one host."""
     if "WORLD_SIZE" not in os.environ:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
@@ -78,7 +76,7 @@ def _init_process_group(backend: str, timeout: timedelta):
         dist.init_process_group(backend=backend, rank=int(os.environ.get("RANK", "0")),
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     except (dist.DistError, RuntimeError, ValueError) as e:
-        raise ParallelConfigError(f"cannot start the process group at {address} "
+        raise UserError(f"cannot start the process group at {address} "
                                   f"({_network_reason(e)})") from None
 
 

@@ -31,6 +31,7 @@ import dataclasses
 import os
 from typing import Dict, List, Optional
 
+from megatron_tropd.errors import UserError
 from megatron_tropd.models.arch import ArchitectureError, ModelArch
 from megatron_tropd.models.builder import check_parallel_layout, padded_vocab_size
 
@@ -39,7 +40,7 @@ MODEL_STATE = ("student weights", "student gradients", "optimizer states", "teac
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot be made (unknown model, impossible layout, nothing fits): one line."""
 
 

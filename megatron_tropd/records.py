@@ -16,11 +16,13 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from megatron_tropd.errors import UserError
+
 BATCH_ROWS = 1024  # rows converted to Python objects at a time (Parquet, saved datasets)
 _MISSING = object()
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file that cannot be used, with `path:line:` (or `path:row i:`) and what is wrong in
     one line."""
 

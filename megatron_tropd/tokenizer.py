@@ -17,12 +17,14 @@ from typing import Optional, Sequence
 
 import sentencepiece
 
+from megatron_tropd.errors import UserError
+
 TEMPLATES = ("auto", "chat", "plain")
 HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 SP_FILE = "tokenizer.model"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer that cannot be loaded or used, with a one-line reason."""
 
 

@@ -21,14 +21,13 @@ One distillation iteration on every data-parallel rank:
 """
 
 import os
-import sys
 import time
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from megatron_tropd import arguments, checkpointing, faults, run_setup
+from megatron_tropd import arguments, checkpointing, errors, faults, run_setup
 from megatron_tropd.distill import losses
 from megatron_tropd.distill.inputs import with_student_inputs
 from megatron_tropd.distill.scoring import recompute_old_logprobs
@@ -56,28 +55,13 @@ _TRUST_SEED_OFFSET = 0x7F4A7C15
 def main(argv=None):
     """Console entry point. Exit status: 0 when the run finished or stopped early on a signal,
     --exit-duration-in-mins or --exit-interval (a checkpoint saved; the same command resumes);
-    2 with a one-line `error: ...` for bad input of any kind and for a run that cannot go on (a
-    checkpoint that cannot be written, too many non-finite steps in a row)."""
+    2 with a one-line `error: ...` (`errors.run_main`) for bad input of any kind and for a run
+    that cannot go on (a checkpoint that cannot be written, too many non-finite steps in a row)."""
     from megatron_tropd import console
-    from megatron_tropd.data import DataError
-    from megatron_tropd.initialize import ParallelConfigError
-    from megatron_tropd.models.arch import ArchitectureError
-    from megatron_tropd.models.hf_checkpoint import CheckpointError
-    from megatron_tropd.rollout.generate import GenerationError
-    from megatron_tropd.tokenizer import TokenizerError
 
     args = arguments.parse_args(argv)
     console.configure(args.verbose)
-    try:
-        train(args)
-    except (arguments.ArgumentError, ArchitectureError, CheckpointError, DataError,
-            GenerationError, NonFiniteError, ParallelConfigError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-class NonFiniteError(RuntimeError):
-    """`--max-nonfinite-steps` optimiser steps in a row had a non-finite loss or gradient."""
+    errors.run_main(train, args)
 
 
 def train(args):
@@ -342,7 +326,7 @@ def _skip_nonfinite_step(args, run):
     run.nonfinite_steps += 1
     iteration = run.iteration + 1
     if run.nonfinite_steps >= args.max_nonfinite_steps:
-        raise NonFiniteError(f"{run.nonfinite_steps} optimiser steps in a row had a non-finite "
+        raise errors.UserError(f"{run.nonfinite_steps} optimiser steps in a row had a non-finite "
                              f"loss or gradient (the last at iteration {iteration}): lower --lr, "
                              f"check the data, or raise --max-nonfinite-steps")
     print_rank_0(f"warning: iteration {iteration}: non-finite loss or gradient, optimiser step "

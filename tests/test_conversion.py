@@ -12,7 +12,7 @@ built here from configs (no downloads; norm weights and biases perturbed so that
 - HF -> Megatron -> HF bit-exact on every tensor, key sets equal both ways, for every checkpoint;
   the HF -> megatron mapping names exactly the parameters the model's stages hold;
 - bad input: a one-line error and no output directory;
-- tools/compare_hf_megatron.py as a gate: exit status 1 and a one-line error on configs that differ
+- tools/compare_hf_megatron.py as a gate: exit status 2 and a one-line error on configs that differ
   and on logits beyond its thresholds.
 
 The four layouts run as four spawned runs (in an order that lets each load a checkpoint another
@@ -276,10 +276,10 @@ def _run_tool(args, capsys):
         import convert_checkpoint
     finally:
         sys.path.pop(0)
-    from megatron_tropd import cli
+    from megatron_tropd import errors
 
     with pytest.raises(SystemExit) as exc:
-        cli.run_main(lambda: convert_checkpoint.main(args))
+        errors.run_main(convert_checkpoint.main, args)
     return exc.value.code, capsys.readouterr().err
 
 
@@ -349,7 +349,7 @@ def test_bad_hf_input_one_line_error_and_no_output(converted, tmp_path, capsys, 
     fields = edit_files(hf_dir) if edit_files else {}
     status, err = _run_tool(["hf-to-megatron", "--hf-dir", hf_dir,
                              "--output-dir", str(tmp_path / "out")] + extra_args, capsys)
-    assert status == 1
+    assert status == 2
     assert err == "error: " + message.format(hf=hf_dir, **fields) + "\n"
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no output, no partial directory
 
@@ -362,13 +362,13 @@ def test_existing_output_dir_needs_overwrite(converted, tmp_path, capsys):
     ckpt = _ckpt(root, "qwen2", (1, 1))
     status, err = _run_tool(["megatron-to-hf", "--megatron-dir", ckpt, "--output-dir", str(out)],
                             capsys)
-    assert status == 1
+    assert status == 2
     assert err == (f"error: output directory {out} exists and is not empty "
                    "(use --overwrite to replace it)\n")
     assert os.listdir(out) == ["keep.txt"]
     status, err = _run_tool(["megatron-to-hf", "--megatron-dir", str(tmp_path),
                              "--output-dir", str(tmp_path / "new")], capsys)
-    assert status == 1
+    assert status == 2
     assert err == f"error: {tmp_path} is not a megatron-tropd checkpoint (no megatron_tropd.json)\n"
     assert not (tmp_path / "new").exists()
 
@@ -405,7 +405,7 @@ def test_command_line(converted, tmp_path):
     bad = subprocess.run([sys.executable, tool, "hf-to-megatron", "--hf-dir", str(tmp_path),
                           "--output-dir", str(tmp_path / "out")], env=env, capture_output=True,
                          text=True)
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert bad.stderr == f"error: model config not found: {tmp_path}/config.json\n"
     out = tmp_path / "exported"
     out.mkdir()
@@ -486,7 +486,7 @@ def test_compare_tool_is_a_gate(converted, tmp_path):
                              "0.001; kl={kl} exceeds --max-kl 1e-06"),  # the float32 defaults
     ]:
         result = _compare("--hf-dir", hf_dir, "--megatron-dir", ckpt, *extra)
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr
         values = _parity_line(result)
         assert result.stderr.splitlines()[-1] == "error: " + error.format(**values)
         assert "Traceback" not in result.stderr

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from megatron_tropd.data import (Columns, DataError, PromptSampler, load_prompts, load_sft,
                                  load_teacher_responses)
+from megatron_tropd.errors import UserError
 from megatron_tropd.records import read_rows
 from megatron_tropd.tokenizer import TokenizerError, load_tokenizer, prompt_ids
 
@@ -177,7 +178,7 @@ def test_load_tokenizer_errors(tmp_path, sp_file):
     def message(path):
         with pytest.raises(TokenizerError) as error:
             load_tokenizer(path)
-        assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+        assert isinstance(error.value, UserError) and "\n" not in str(error.value)
         return str(error.value)
 
     assert message(tmp_path / "nope") == f"{tmp_path / 'nope'}: no such tokenizer file or directory"
@@ -379,10 +380,10 @@ def test_sampler_errors():
     with pytest.raises(ValueError, match="no prompts"):
         PromptSampler(0, 4, 0, 1, 0)
     state = {"epoch": 1, "position": 2, "consumed_samples": 12, "seed": 0}
-    with pytest.raises(ValueError, match="saved with seed 0, this run has seed 1"):
+    with pytest.raises(DataError, match="saved with seed 0, this run has seed 1"):
         PromptSampler(10, 4, 0, 1, 1).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"\(epoch 1, position 2, 12 consumed samples\) does not "
-                                         r"fit 11 prompts"):
+    with pytest.raises(DataError, match=r"\(epoch 1, position 2, 12 consumed samples\) does not "
+                                        r"fit 11 prompts"):
         PromptSampler(11, 4, 0, 1, 0).load_state_dict(state)
 
 

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from megatron_tropd.errors import UserError
 from megatron_tropd.tasks import formats
 from megatron_tropd.tasks.addition import Problem, random_problem
 from megatron_tropd.tasks.verifier import CORRECT, MALFORMED, WRONG, verify
@@ -56,7 +57,7 @@ def test_a_corrupted_solution_is_rejected(fmt):
     assert verify(wrong_answer, p.answer) == WRONG
     assert verify(text.rsplit("A:", 1)[0], p.answer) == MALFORMED
     assert formats.format_of(text.replace(";", ",").replace("|", ",")) is None
-    with pytest.raises(ValueError, match="unknown format 'prose'"):
+    with pytest.raises(UserError, match="unknown format 'prose'"):
         formats.solution(p, "prose")
 
 
@@ -101,7 +102,7 @@ def test_the_mismatch_knob_moves_the_students_rows_as_stated():
     for low, high in zip(by_fraction[0.3], by_fraction[1.0]):
         assert low["prompt"] == high["prompt"]
         assert low == high or low["format"] == formats.STUDENT_FORMAT
-    with pytest.raises(ValueError, match=r"teacher_format_fraction must be in \[0, 1\]"):
+    with pytest.raises(UserError, match=r"teacher_format_fraction must be in \[0, 1\]"):
         formats.student_examples(problems, 1.5)
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from megatron_tropd.errors import UserError
 from megatron_tropd.tasks.addition import Problem
 from megatron_tropd.tasks.splits import heldout_problems, train_problems, write_task_files
 from megatron_tropd.tasks.verifier import CORRECT, MALFORMED, WRONG, parse_answer, verify
@@ -48,7 +49,7 @@ def test_difficulty_knobs_and_stratified_heldout():
     assert [sum(p.digits == d for p in held) for d in (2, 3, 4, 5)] == [10, 10, 10, 10]
     assert len(set(held)) == 40
     assert {p.digits for p in train_problems(100, held, min_digits=3, max_digits=3)} == {3}
-    with pytest.raises(ValueError, match="cannot draw"):
+    with pytest.raises(UserError, match="cannot draw"):
         heldout_problems(100, min_digits=1, max_digits=1)  # only 81 one-digit problems
 
 

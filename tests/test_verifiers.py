@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from megatron_tropd.errors import UserError
 from megatron_tropd.tasks import verifiers
 from megatron_tropd.tasks.verifier import CORRECT, MALFORMED, WRONG
 from megatron_tropd.tasks.verifiers import (MATH_TIMEOUT_S, VERIFIER_NAMES, VerifierError,
@@ -209,7 +210,7 @@ def test_verifier_errors(tmp_path, monkeypatch, name, message):
     with pytest.raises(VerifierError) as error:
         get_verifier(name)
     assert str(error.value) == message
-    assert isinstance(error.value, ValueError)
+    assert isinstance(error.value, UserError)  # reported as one line by every command
 
 
 def test_math_without_math_verify(monkeypatch):

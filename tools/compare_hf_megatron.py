@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli  # noqa: E402
+from megatron_tropd import cli, errors  # noqa: E402
 
 # (max |logit difference|, KL) a correct conversion stays under, by the dtype the models run in
 # (measured figures in docs/CONVERSION.md).
@@ -102,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    errors.run_main(main)

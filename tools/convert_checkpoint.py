@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli  # noqa: E402
+from megatron_tropd import cli, errors  # noqa: E402
 
 
 def _parse_args(argv=None):
@@ -94,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    errors.run_main(main)

@@ -20,15 +20,14 @@ The teacher is built by `load_teacher` from a model config (our ModelArch JSON o
 the one place to replace when the checkpoint loader exists.
 """
 
-import argparse
-import json
-import sys
-
 import torch
+
+from megatron_tropd import cli, errors
+from megatron_tropd.records import DataError, read_rows
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Generate teacher responses to a prompts file.")
+    parser = cli.argument_parser(__doc__)
     parser.add_argument("--model-config", required=True,
                         help="ModelArch JSON, or an HF config.json or its directory")
     parser.add_argument("--weights", required=True,
@@ -50,19 +49,16 @@ def parse_args(argv):
 
 
 def read_prompts(path, tokenizer):
-    """Token ids and text (None when given as ids) of every prompt in the JSONL file."""
+    """Token ids and text (None when given as ids) of every prompt in the file (any format
+    `records.read_rows` reads)."""
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "prompt_ids" in record:
-                prompts.append((list(record["prompt_ids"]), record.get("prompt")))
-            elif "prompt" in record and tokenizer is not None:
-                prompts.append((tokenizer(record["prompt"])["input_ids"], record["prompt"]))
-            else:
-                sys.exit(f"{path}:{number}: needs prompt_ids, or prompt with --tokenizer")
+    for where, record in read_rows(path):
+        if "prompt_ids" in record:
+            prompts.append((list(record["prompt_ids"]), record.get("prompt")))
+        elif "prompt" in record and tokenizer is not None:
+            prompts.append((tokenizer(record["prompt"])["input_ids"], record["prompt"]))
+        else:
+            raise DataError(f"{where}: needs prompt_ids, or prompt with --tokenizer")
     return prompts
 
 
@@ -125,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli  # noqa: E402
+from megatron_tropd import cli, errors  # noqa: E402
 from megatron_tropd.checkpointing import latest_checkpoint  # noqa: E402
 from megatron_tropd.models.arch import ModelArch  # noqa: E402
 from megatron_tropd.tasks import formats  # noqa: E402
@@ -60,9 +60,12 @@ ROOT = os.path.dirname(TOOLS)
 
 
 def _python(*args, **kwargs):
+    """`python args` in the repository; a failure (its output above) is a one-line error."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MASTER_PORT=str(cli.free_port()))
-    subprocess.run([sys.executable, *args], check=True, cwd=ROOT, env=env, **kwargs)
+    status = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, **kwargs).returncode
+    if status:
+        raise errors.UserError(f"`python {' '.join(args)}` failed (exit status {status})")
 
 
 def sft(arch: ModelArch, name: str, work: str, sft_data: str, tokenizer: str, iters: int,
@@ -185,4 +188,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -20,8 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import arguments, cli, memory_plan  # noqa: E402
-from megatron_tropd.models.arch import ArchitectureError  # noqa: E402
+from megatron_tropd import arguments, cli, errors, memory_plan  # noqa: E402
 
 
 def main(argv=None):
@@ -38,16 +37,12 @@ def main(argv=None):
         trainer_flags += ["--train-iters", "1"]
     args = arguments.parse_args(trainer_flags)
     arguments.set_micro_batch_default(args)
-    try:
-        config = memory_plan.config_from_args(
-            args, memory_plan.load_arch(opt.student), memory_plan.load_arch(opt.teacher),
-            opt.gpus, opt.gpu_memory_gib, opt.device)
-        print(memory_plan.report(config), flush=True)
-        memory_plan.require_fit(config)
-    except (memory_plan.PlanError, ArchitectureError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config = memory_plan.config_from_args(
+        args, memory_plan.load_arch(opt.student), memory_plan.load_arch(opt.teacher), opt.gpus,
+        opt.gpu_memory_gib, opt.device)
+    print(memory_plan.report(config), flush=True)
+    memory_plan.require_fit(config)
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -38,7 +38,7 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli  # noqa: E402
+from megatron_tropd import cli, errors  # noqa: E402
 from megatron_tropd.tasks import formats, splits  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +110,7 @@ class Run:
                 else f"{where}/{self.method}_lr{self.lr:g}_seed{self.seed}")
 
 
-class RunError(Exception):
+class RunError(errors.UserError):
     """A training or evaluation run failed: its log file and the last line it printed."""
 
 
@@ -567,7 +567,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RunError as e:  # the finished runs stay on disk; fix the cause and re-run
-        sys.exit(f"error: {e}")
+    errors.run_main(main)  # after a failed run the finished ones stay on disk: fix it, re-run

@@ -16,7 +16,8 @@ import tempfile
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli  # noqa: E402
+from megatron_tropd import cli, errors  # noqa: E402
+from megatron_tropd.errors import UserError  # noqa: E402
 from megatron_tropd.tasks import formats  # noqa: E402
 from megatron_tropd.tasks.addition import ALPHABET  # noqa: E402
 from megatron_tropd.tasks.splits import heldout_problems, train_problems  # noqa: E402
@@ -30,7 +31,7 @@ def train_tokenizer(output: str, corpus_problems: int = 2000, task: str = "addit
     import sentencepiece as spm
 
     if not output.endswith(".model"):
-        raise ValueError(f"--output must name a .model file, got {output}")
+        raise UserError(f"--output must name a .model file, got {output}")
     problems = train_problems(corpus_problems, heldout_problems(0))
     if task == "addition":
         lines = [p.prompt + p.solution() for p in problems]
@@ -57,10 +58,7 @@ def main():
     parser.add_argument("--task", choices=("addition", "formats"), default="addition")
     parser.add_argument("--vocab-size", type=int, default=384, help="BPE pieces (formats)")
     args = parser.parse_args()
-    try:
-        train_tokenizer(args.output, task=args.task, vocab_size=args.vocab_size)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+    errors.run_main(train_tokenizer, args.output, task=args.task, vocab_size=args.vocab_size)
     print(f"wrote {args.output}")
 
 

@@ -10,6 +10,8 @@ import json
 import os
 from typing import Optional
 
+from megatron_tropd.errors import UserError
+
 # HF model_type -> what differs between the families megatron-core needs to know.
 FAMILIES = {
     "llama": dict(add_qkv_bias=False, qk_layernorm=False),
@@ -25,7 +27,7 @@ _HF_ARCHITECTURES = {
 }
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(UserError):
     """A model description that megatron-tropd cannot build: one-line message."""
 
 

@@ -10,6 +10,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from megatron_tropd.errors import UserError
+
 # ModelArch fields that do not take part in the comparison: max_position_embeddings only bounds the
 # sequence length (RoPE is computed per position, and Llama-3 scaling uses its own fixed original
 # length), so it may differ without changing a logit. Everything else defines the computation;
@@ -18,7 +20,7 @@ import torch.distributed as dist
 NOT_COMPARED = ("max_position_embeddings",)
 
 
-class ParityError(ValueError):
+class ParityError(UserError):
     """Two models that do not compute the same thing: configs that differ, or logits off by more
     than the thresholds. One-line message."""
 

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_tropd.errors import UserError
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.rollout.batch import RolloutBatch
 from megatron_tropd.rollout.engine import Engine, Row, Sampled
@@ -28,7 +29,7 @@ from megatron_tropd.rollout.stage import GenerationStage
 from megatron_tropd.tokens import TokenRecord
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """Generation inputs that cannot work (prompt longer than the context, ...): one-line message."""
 
 

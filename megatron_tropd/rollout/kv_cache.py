@@ -37,13 +37,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-class UnsupportedModelError(ValueError):
-    """A model feature the cached forward does not implement: one-line message."""
+from megatron_tropd.errors import UserError
 
 
 def check_supported(model):
-    """Raise `UnsupportedModelError` for features the cached forward lacks."""
+    """A `UserError` for features the cached forward lacks."""
     config = model.config
     unsupported = {
         "sequence parallelism": config.sequence_parallel,
@@ -66,7 +64,7 @@ def check_supported(model):
     }
     for feature, present in unsupported.items():
         if present:
-            raise UnsupportedModelError(f"generation does not support models with {feature}")
+            raise UserError(f"generation does not support models with {feature}")
 
 
 _HAS_MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl,

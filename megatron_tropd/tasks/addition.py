@@ -14,6 +14,8 @@ in a row; the answer is checked by exact match (`tasks.verifier`). The alphabet 
 import dataclasses
 import random
 
+from megatron_tropd.errors import UserError
+
 ALPHABET = "0123456789+=;:QA"
 
 
@@ -55,5 +57,5 @@ def random_problem(rng: random.Random, digits: int) -> Problem:
 
 def check_digit_range(min_digits: int, max_digits: int):
     if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"digit range must satisfy 1 <= min_digits <= max_digits, got "
-                         f"{min_digits}..{max_digits}")
+        raise UserError(f"digit range must satisfy 1 <= min_digits <= max_digits, got "
+                        f"{min_digits}..{max_digits}")

@@ -23,6 +23,7 @@ import os
 import random
 import re
 
+from megatron_tropd.errors import UserError
 from megatron_tropd.tasks.addition import Problem
 from megatron_tropd.tasks.splits import heldout_problems, train_problems, write_jsonl
 
@@ -57,7 +58,7 @@ def solution(problem: Problem, fmt: str) -> str:
     elif fmt == "paren":
         text = "".join(f"({x},{y},{c})>{t:02d}|" for x, y, c, t in columns)
     else:
-        raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     return text + f"A:{problem.answer}"
 
 
@@ -86,8 +87,8 @@ def student_examples(problems: list[Problem], teacher_format_fraction: float,
     """The student's SFT rows: a teacher format (drawn uniformly) with probability
     `teacher_format_fraction`, the student's own format otherwise."""
     if not 0.0 <= teacher_format_fraction <= 1.0:
-        raise ValueError(f"teacher_format_fraction must be in [0, 1], got "
-                         f"{teacher_format_fraction}")
+        raise UserError(f"teacher_format_fraction must be in [0, 1], got "
+                        f"{teacher_format_fraction}")
     rng = random.Random(seed + _STUDENT_STREAM)
     rows = []
     for p in problems:

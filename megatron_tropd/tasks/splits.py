@@ -7,11 +7,12 @@ held-out problem is ever trained on, whatever the sizes.
     python -m megatron_tropd.tasks.splits --output-dir data/addition --train 20000 --heldout 500
 """
 
-import argparse
 import json
 import os
 import random
 
+from megatron_tropd import cli, errors
+from megatron_tropd.errors import UserError
 from megatron_tropd.tasks.addition import Problem, check_digit_range, random_problem
 
 # Offsets that keep the two splits' random streams apart for any one seed.
@@ -27,8 +28,8 @@ def heldout_problems(count: int, seed: int = 0, min_digits: int = 2,
     for d in digit_counts:
         capacity = (9 * 10 ** (d - 1)) ** 2
         if capacity < count // len(digit_counts) + 1:
-            raise ValueError(f"only {capacity} problems with {d} digits: cannot draw {count} "
-                             f"held-out problems over {min_digits}..{max_digits} digits")
+            raise UserError(f"only {capacity} problems with {d} digits: cannot draw {count} "
+                            f"held-out problems over {min_digits}..{max_digits} digits")
     problems, seen = [], set()
     for i in range(count):
         digits = digit_counts[i % len(digit_counts)]
@@ -86,7 +87,7 @@ def write_task_files(output_dir: str, train: int, heldout: int, seed: int = 0,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.argument_parser(__doc__)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--train", type=int, default=20000, help="train problems")
     p.add_argument("--heldout", type=int, default=500, help="held-out problems")
@@ -94,11 +95,8 @@ def main(argv=None):
     p.add_argument("--min-digits", type=int, default=2)
     p.add_argument("--max-digits", type=int, default=5)
     args = p.parse_args(argv)
-    try:
-        paths = write_task_files(args.output_dir, args.train, args.heldout, args.seed,
-                                 args.min_digits, args.max_digits)
-    except ValueError as e:
-        p.exit(2, f"error: {e}\n")
+    paths = errors.run_main(write_task_files, args.output_dir, args.train, args.heldout,
+                            args.seed, args.min_digits, args.max_digits)
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
 
 

@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 
+from megatron_tropd.errors import UserError
 from megatron_tropd.tasks.verifier import CORRECT, MALFORMED, WRONG
 from megatron_tropd.tasks.verifier import verify as verify_addition
 
@@ -53,7 +54,7 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 
-class VerifierError(ValueError):
+class VerifierError(UserError):
     """A verifier name that names no verifier (one line, for the command line)."""
 
 
