@@ -41,6 +41,7 @@ shared_prefill_speedup=<w>.
 """
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -103,7 +104,7 @@ def _memory_worker(argv):
     from megatron_tropd import arguments, run_setup, training
 
     measured = {}
-    original_setup, original_timed = run_setup.setup_run, training.timed
+    original_setup, original_phase = run_setup.setup_run, training.PhaseTimer.__call__
 
     def setup_run(args):
         run = original_setup(args)
@@ -113,13 +114,14 @@ def _memory_worker(argv):
         measured["resident"] = _status("VmRSS")
         return run
 
-    def timed(timings, name, fn, *args):
+    @contextlib.contextmanager
+    def phase(timer, name):
         _settle()
-        out = original_timed(timings, name, fn, *args)
+        with original_phase(timer, name):
+            yield
         measured[name] = _status("VmHWM") - measured["resident"]
-        return out
 
-    run_setup.setup_run, training.timed = setup_run, timed
+    run_setup.setup_run, training.PhaseTimer.__call__ = setup_run, phase
     training.train(arguments.parse_args(argv))
     return measured
 

@@ -29,6 +29,7 @@ profile that one with the same script.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -89,8 +90,8 @@ def student_forward_flops(model, tokens, scored):
 
 class Profiler:
     """Per-iteration phase times of this rank, gathered by wrapping (for this measurement only)
-    the loop's `timed`, the collectives, the optimiser and gradient finalisation. Collective time
-    is also booked under the innermost phase it ran in, to be taken out of that phase."""
+    the loop's `PhaseTimer`, the collectives, the optimiser and gradient finalisation. Collective
+    time is also booked under the innermost phase it ran in, to be taken out of that phase."""
 
     def __init__(self, device):
         self.device = device
@@ -101,24 +102,28 @@ class Profiler:
         current = self.iterations[-1]
         current[name] = current.get(name, 0.0) + seconds
 
+    @contextlib.contextmanager
+    def _timing(self, name, phase=True):
+        _sync(self.device)
+        start = time.perf_counter()
+        if phase:
+            self.phases.append(name)
+        try:
+            yield
+            _sync(self.device)
+        finally:
+            if phase:
+                self.phases.pop()
+        if self.iterations:
+            elapsed = time.perf_counter() - start
+            self._add(name, elapsed)
+            if not phase and self.phases:
+                self._add(f"{name} in {self.phases[-1]}", elapsed)
+
     def _timer(self, name, fn, phase=True):
         def wrapped(*args, **kwargs):
-            _sync(self.device)
-            start = time.perf_counter()
-            if phase:
-                self.phases.append(name)
-            try:
-                out = fn(*args, **kwargs)
-                _sync(self.device)
-            finally:
-                if phase:
-                    self.phases.pop()
-            if self.iterations:
-                elapsed = time.perf_counter() - start
-                self._add(name, elapsed)
-                if not phase and self.phases:
-                    self._add(f"{name} in {self.phases[-1]}", elapsed)
-            return out
+            with self._timing(name, phase):
+                return fn(*args, **kwargs)
         return wrapped
 
     def install(self):
@@ -129,13 +134,15 @@ class Profiler:
         for name in COLLECTIVES:
             if hasattr(dist, name):
                 setattr(dist, name, self._timer("communication", getattr(dist, name), phase=False))
-        original_timed, original_setup, original_update = (training.timed, run_setup.setup_run,
-                                                           training.update)
+        original_phase, original_setup, original_update = (
+            training.PhaseTimer.__call__, run_setup.setup_run, training.update)
 
-        def timed(timings, name, fn, *args):
+        @contextlib.contextmanager
+        def phase(timer, name):
             if name == "rollout":
                 self.iterations.append({"start": time.perf_counter()})
-            return self._timer(name, original_timed)(timings, name, fn, *args)
+            with self._timing(name), original_phase(timer, name):
+                yield
 
         def setup_run(args):
             run = original_setup(args)
@@ -149,7 +156,8 @@ class Profiler:
                                          for mb in micro_batches))
             return original_update(args, run, batch, micro_batches)
 
-        training.timed, run_setup.setup_run, training.update = timed, setup_run, update
+        training.PhaseTimer.__call__, run_setup.setup_run, training.update = (
+            phase, setup_run, update)
 
     def shares(self, save_interval):
         """Seconds per phase of every full iteration but the first (warm-up)."""

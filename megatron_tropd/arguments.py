@@ -285,8 +285,12 @@ def validate_args(args, world_size: int = 1):
     if args.temperature <= 0:
         raise ArgumentError("--temperature must be > 0 for on-policy sampling (log-probs of the "
                             "sampler are needed)")
-    if not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
-        raise ArgumentError("--top-p must be in (0, 1] and --top-k >= 0")
+    from megatron_tropd.rollout.generate import GenerationError, check_sampling
+
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except GenerationError as e:
+        raise ArgumentError(f"sampling flags --temperature / --top-k / --top-p: {e}") from None
     if not 0.0 < args.clip_lambda < 1.0:
         raise ArgumentError("--clip-lambda must be in (0, 1)")
     if not 0.0 <= args.jsd_beta <= 1.0:
@@ -370,6 +374,11 @@ def _warn_about_sampling(args):
               f"lp_S_old describes (the untempered, untruncated student), so the importance "
               f"ratio and TrOPD's trust test (the speculative-decoding acceptance test) are off "
               f"by that difference", file=sys.stderr, flush=True)
+
+
+def prefix_rows(args) -> int:
+    """Teacher-prefix rows per prompt on top of the samples (0 without guidance)."""
+    return args.prefix_samples_per_prompt if args.prefix_source != "none" else 0
 
 
 def recomputes_old_logprobs(args) -> bool:

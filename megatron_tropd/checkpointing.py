@@ -26,11 +26,10 @@ import socket
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_tropd import faults, resume_flags
 from megatron_tropd.records import DataError
-from megatron_tropd.initialize import first_error, print_rank_0
+from megatron_tropd.initialize import barrier, first_error, print_rank_0, rank, world_size
 from megatron_tropd.models import checkpoint as model_checkpoint
 from megatron_tropd.models.hf_checkpoint import CheckpointError
 
@@ -89,7 +88,7 @@ class SaveDirLock:
     def __init__(self, directory: str):
         self.file = None
         error = None
-        if directory and _rank() == 0:
+        if directory and rank() == 0:
             error = self._acquire(directory)
         failure = first_error(error)
         if failure is not None:
@@ -131,24 +130,24 @@ def save(args, run):
         with model_checkpoint.atomic_directory(target, overwrite=True) as tmp:
             model_checkpoint.write_model(tmp, run.model, run.student_arch,
                                          source_dir=run.student_source, iteration=run.iteration,
-                                         metadata={"trainer": state, "world_size": _world()})
+                                         metadata={"trainer": state, "world_size": world_size()})
             faults.point("save", run.iteration)
             optimizer_dir = os.path.join(tmp, OPTIMIZER_DIR)
-            if _rank() == 0:
+            if rank() == 0:
                 os.makedirs(optimizer_dir)
                 os.makedirs(os.path.join(tmp, RNG_DIR))
-            _barrier()
+            barrier()
             dist_checkpointing.save(run.optimizer.sharded_state_dict(
                 run.model.sharded_state_dict(), metadata=_OPTIMIZER_FORMAT), optimizer_dir)
-            torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{_rank():05d}.pt"))
+            torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{rank():05d}.pt"))
         faults.point("commit", run.iteration)
         model_checkpoint.on_rank_0(lambda: _write_latest(args.save, run.iteration),
                                    os.path.join(args.save, LATEST))
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_intact(args.save)}") from None
-    if _rank() == 0:
+    if rank() == 0:
         _prune(args.save, args.keep_last, run.iteration)
-    _barrier()
+    barrier()
     print_rank_0(f"saved checkpoint {target}")
 
 
@@ -190,7 +189,7 @@ def resume(args, run):
         raise CheckpointError(f"cannot resume from {directory}: {e}") from None
     resume_flags.announce_changes(args, trainer.get("flags", {}))
     run.iteration = meta["iteration"]
-    rng_file = os.path.join(directory, RNG_DIR, f"rank_{_rank():05d}.pt")
+    rng_file = os.path.join(directory, RNG_DIR, f"rank_{rank():05d}.pt")
     error = None
     if _same_layout(meta) and os.path.isfile(rng_file):
         try:
@@ -208,7 +207,7 @@ def _same_layout(meta) -> bool:
 
     return (meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
             and meta.get("pipeline_model_parallel_size") == ps.get_pipeline_model_parallel_world_size()
-            and meta.get("world_size") == _world())
+            and meta.get("world_size") == world_size())
 
 
 def _rng_state():
@@ -260,16 +259,3 @@ def _prune(root: str, keep_last: int, latest: int):
     for iteration in iterations[:-keep_last]:
         if iteration != latest:
             shutil.rmtree(_iteration_dir(root, iteration), ignore_errors=True)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()

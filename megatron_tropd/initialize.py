@@ -119,13 +119,24 @@ def comm_device() -> torch.device:
         else torch.device("cpu")
 
 
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    """Every rank waits for the others (nothing to wait for without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def print_rank_0(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def print_rank_last(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+    if rank() == 0:
         print(*args, **kwargs, flush=True)
 
 

@@ -351,7 +351,7 @@ def largest_fitting(config: PlanConfig, field: str, low: int, high: int) -> Opti
 def config_from_args(args, student: ModelArch, teacher: ModelArch, gpus: int,
                      gpu_memory_gib: float, device: str = "gpu") -> PlanConfig:
     """The plan's inputs from the trainer's parsed flags (`arguments.parse_args`)."""
-    from megatron_tropd.arguments import distill_config
+    from megatron_tropd.arguments import distill_config, prefix_rows
     from megatron_tropd.distill.losses import needs
 
     method_needs = needs(distill_config(args))
@@ -362,7 +362,7 @@ def config_from_args(args, student: ModelArch, teacher: ModelArch, gpus: int,
         distributed_optimizer=args.use_distributed_optimizer,
         prompts_per_iteration=args.prompts_per_iteration,
         samples_per_prompt=args.samples_per_prompt,
-        prefix_rows=args.prefix_samples_per_prompt if args.prefix_source != "none" else 0,
+        prefix_rows=prefix_rows(args),
         max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
         rollout_batch_size=args.rollout_batch_size, micro_batch_size=args.micro_batch_size,
         max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,

@@ -20,6 +20,7 @@ One distillation iteration on every data-parallel rank:
   -> metrics (console + TensorBoard), checkpoint.
 """
 
+import contextlib
 import os
 import time
 from functools import partial
@@ -92,29 +93,34 @@ def _train(args, stop, dp):
     with stop:  # from here on SIGTERM / SIGUSR1 finish the iteration and save
         while run.iteration < args.train_iters:
             step = run.iteration
-            timings = {}
+            timer = PhaseTimer()
             if args.mode == "sft":
-                batch, batch_metrics = timed(timings, "data", sft_batch, args, run)
+                with timer("data"):
+                    batch, batch_metrics = sft_batch(args, run)
                 micro_batches = micro_batches_of(args, run, batch)
             else:
-                batch, batch_metrics = timed(timings, "rollout", rollouts, args, run, step)
+                with timer("rollout"):
+                    batch, batch_metrics = rollouts(args, run, step)
                 micro_batches = micro_batches_of(args, run, batch)
-                timed(timings, "teacher", teacher_score, run.teacher, batch, micro_batches,
-                      run.vocab_size, args.teacher_topk if run.needs.topk else 0)
+                with timer("teacher"):
+                    teacher_score(run.teacher, batch, micro_batches, run.vocab_size,
+                                  args.teacher_topk if run.needs.topk else 0)
                 if arguments.recomputes_old_logprobs(args):
-                    timed(timings, "recompute", recompute_old_logprobs, run.model, batch,
-                          micro_batches, run.vocab_size)
+                    with timer("recompute"):
+                        recompute_old_logprobs(run.model, batch, micro_batches, run.vocab_size)
                 batch_metrics.update(distill_fields(args, run, batch, step))
-            totals, grad_norm = timed(timings, "train", update, args, run, batch, micro_batches)
+            with timer("train"):
+                totals, grad_norm = update(args, run, batch, micro_batches)
             run.iteration += 1
             sums = _reduce_over_data_parallel({**batch_metrics, **totals})  # one all-reduce
             sums["grad_norm"] = (torch.tensor(grad_norm), torch.tensor(1.0))
-            logger.log(run.iteration, sums, timings, run.scheduler)
+            logger.log(run.iteration, sums, timer, run.scheduler)
             if args.eval_interval and run.iteration % args.eval_interval == 0:
                 logger.log_eval(run.iteration, heldout_pass_rate(args, run))
             reason = stop.reason(run.iteration)  # collective: every rank stops at one iteration
             if checkpointing.due(args, run.iteration) or (reason and args.save):
-                timed(timings, "checkpoint", checkpointing.save, args, run)
+                with timer("checkpoint"):  # after the log line: benchmarks/step_profile reads it
+                    checkpointing.save(args, run)
             if reason and run.iteration < args.train_iters:
                 print_rank_0(f"stopped at iteration {run.iteration} of {args.train_iters} "
                              f"({reason}): " + ("the same command resumes from the checkpoint"
@@ -139,11 +145,17 @@ def heldout_pass_rate(args, run) -> dict:
                     verifier=run.verifier)
 
 
-def timed(timings, name, fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-    return out
+class PhaseTimer(dict):
+    """Seconds per phase of one iteration: `with timer("teacher"): ...` adds the block's wall
+    time under "teacher"."""
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - start
 
 
 # --- distillation batches -----------------------------------------------------------------------
@@ -156,11 +168,12 @@ def rollouts(args, run, step):
     indices = run.sampler.next_indices()
     faults.point("rollout", step + 1)
     prompts = [run.prompts[i].prompt_ids for i in indices]
-    rows_per_prompt = args.samples_per_prompt + _prefix_rows(args)
+    rows_per_prompt = args.samples_per_prompt + arguments.prefix_rows(args)
     local = len(prompts)
     first_prompt = global_position + run.dp_rank * local
     row_prompts, prefixes = [], []
-    responses = run.teacher_responses(prompts, first_prompt) if _prefix_rows(args) else None
+    guided = arguments.prefix_rows(args) > 0
+    responses = run.teacher_responses(prompts, first_prompt) if guided else None
     for i, prompt in enumerate(prompts):
         row_prompts += [prompt] * rows_per_prompt
         prefixes += [[]] * args.samples_per_prompt
@@ -181,7 +194,7 @@ def rollouts(args, run, step):
         "entropy_student": (record.student_entropy[record.on_policy].sum(),
                             record.on_policy.sum().float()),
     }
-    if _prefix_rows(args):
+    if arguments.prefix_rows(args):
         metrics["prefix_alpha"] = (torch.tensor(prefix_schedule.prefix_fraction(
             step, args.prefix_anneal_steps)), torch.tensor(1.0))
     from megatron.core import parallel_state
@@ -194,7 +207,7 @@ def rollouts(args, run, step):
 def _pass_rate(args, run, batch, indices):
     """(correct, checked) over this rank's on-policy rollouts of prompts with an answer (the
     teacher-prefix rows are not the student's own answers)."""
-    rows_per_prompt = args.samples_per_prompt + _prefix_rows(args)
+    rows_per_prompt = args.samples_per_prompt + arguments.prefix_rows(args)
     answered = [(i, run.prompts[index]) for i, index in enumerate(indices)
                 if run.prompts[index].answer is not None]
     responses = batch.responses() if answered else []  # nothing decoded without answers
@@ -205,10 +218,6 @@ def _pass_rate(args, run, batch, indices):
                                     example.answer) == CORRECT
             checked += 1
     return torch.tensor(float(correct)), torch.tensor(float(checked))
-
-
-def _prefix_rows(args) -> int:
-    return args.prefix_samples_per_prompt if args.prefix_source != "none" else 0
 
 
 def micro_batches_of(args, run, batch: TokenBatch):

@@ -38,7 +38,8 @@ def test_good_flags_pass_and_give_the_data_parallel_size(files):
     (("--rollout-batch-size", "0"), 1, "--rollout-batch-size must be >= 1"),
     (("--temperature", "0"), 1, "--temperature must be > 0 for on-policy sampling (log-probs of "
                                 "the sampler are needed)"),
-    (("--top-p", "1.5"), 1, "--top-p must be in (0, 1] and --top-k >= 0"),
+    (("--top-p", "1.5"), 1, "sampling flags --temperature / --top-k / --top-p: top_p must be in "
+                            "(0, 1], got 1.5"),
     (("--clip-lambda", "1"), 1, "--clip-lambda must be in (0, 1)"),
     (("--jsd-beta", "2"), 1, "--jsd-beta must be in [0, 1]"),
     (("--ppo-clip", "1.5"), 1, "--ppo-clip must be in (0, 1) or none"),

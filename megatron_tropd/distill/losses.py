@@ -148,8 +148,9 @@ class _Metrics(dict):
                       mask.sum().float())
 
 
-def _common_metrics(x: TokenRecord, metrics: _Metrics):
-    on = x.on_policy
+def _common_metrics(x: TokenRecord, config: DistillConfig) -> _Metrics:
+    """What every method reports (added once, by `compute_loss`)."""
+    metrics, on = _Metrics(), x.on_policy
     metrics.add("k1_reverse_kl", (x.old_logprobs - x.teacher_logprobs), on)
     metrics.add("advantage", k1_advantage(x), on)
     metrics.add("ratio", torch.exp(x.student_logprobs.detach() - x.old_logprobs), on)
@@ -157,10 +158,10 @@ def _common_metrics(x: TokenRecord, metrics: _Metrics):
     if x.student_topk_logprobs is not None:
         metrics.add("teacher_topk_mass", x.teacher_topk_logprobs.exp().sum(-1), on)
         metrics.add("student_mass_on_teacher_topk", x.student_topk_logprobs.exp().sum(-1), on)
-        metrics.add("topk_forward_kl", topk_forward_kl_terms(x.teacher_topk_logprobs,
-                                                             x.student_topk_logprobs), on)
+        metrics.add("topk_forward_kl", topk_fkl(x, config), on)
     if x.reverse_kl is not None:
         metrics.add("full_reverse_kl", x.reverse_kl, on)
+    return metrics
 
 
 def _masked(loss, mask):
@@ -173,7 +174,6 @@ def _masked(loss, mask):
 def opd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """Plain OPD: L = -sg(A) · exp(lp_S - lp_S_old) on every on-policy token, A = lp_T - lp_S_old."""
     metrics = _Metrics()
-    _common_metrics(x, metrics)
     loss = _masked(policy_gradient(k1_advantage(x), x, config), x.on_policy)
     metrics.add("loss_on_policy", loss, x.on_policy)
     return LossOutput(loss, metrics)
@@ -203,7 +203,6 @@ def tropd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     β · CE, whose gradient is the correct one for tokens sampled from π_T.
     """
     metrics = _Metrics()
-    _common_metrics(x, metrics)
     advantage = k1_advantage(x)
     trusted = x.on_policy & trust_mask(x, config)
     outlier = x.on_policy & ~trusted
@@ -235,7 +234,6 @@ def eopd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """EOPD: PPO-clipped OPD on every on-policy token, plus top-k (k=16) forward KL where the
     teacher's entropy exceeds the threshold (0.8)."""
     metrics = _Metrics()
-    _common_metrics(x, metrics)
     uncertain = x.on_policy & (x.teacher_entropy > config.eopd_entropy_threshold)
     loss_pg = policy_gradient(k1_advantage(x), x, config)
     loss_fkl = topk_fkl(x, config, config.eopd_topk)
@@ -250,19 +248,17 @@ def reopold_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     selected tokens only (`selected`, chosen over the global batch by `token_selection`; the
     trainer averages over them)."""
     metrics = _Metrics()
-    _common_metrics(x, metrics)
     trained = x.on_policy & x.selected
-    advantage = k1_advantage(x).clamp(min=config.clip_floor)
-    loss = _masked(policy_gradient(advantage, x, config), trained)
+    reward = k1_advantage(x)
+    loss = _masked(policy_gradient(reward.clamp(min=config.clip_floor), x, config), trained)
     metrics.add("selected_fraction", trained.float(), x.on_policy)
-    metrics.add("clipped_reward_fraction", (k1_advantage(x) < config.clip_floor).float(), x.on_policy)
+    metrics.add("clipped_reward_fraction", (reward < config.clip_floor).float(), x.on_policy)
     return LossOutput(loss, metrics)
 
 
 def entropy_opd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """Entropy-OPD: plain OPD on the selected highest-student-entropy tokens (top 20%)."""
     metrics = _Metrics()
-    _common_metrics(x, metrics)
     trained = x.on_policy & x.selected
     loss = _masked(policy_gradient(k1_advantage(x), x, config), trained)
     metrics.add("selected_fraction", trained.float(), x.on_policy)
@@ -272,19 +268,15 @@ def entropy_opd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
 def jsd_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
     """GKD: full-vocabulary generalised JSD(β) at every on-policy position, supervised."""
     metrics = _Metrics()
-    _common_metrics(x, metrics)
     loss = _masked(x.jsd, x.on_policy)
     metrics.add("jsd", x.jsd, x.on_policy)
     return LossOutput(loss, metrics)
 
 
 def fkl_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
-    """Top-k forward KL at every on-policy position (reported to collapse)."""
-    metrics = _Metrics()
-    _common_metrics(x, metrics)
-    loss = _masked(topk_fkl(x, config), x.on_policy)
-    metrics.add("topk_forward_kl", loss, x.on_policy)
-    return LossOutput(loss, metrics)
+    """Top-k forward KL at every on-policy position (reported to collapse; its value is the
+    common `topk_forward_kl` metric)."""
+    return LossOutput(_masked(topk_fkl(x, config), x.on_policy), _Metrics())
 
 
 LOSSES: Dict[str, Callable[[TokenRecord, DistillConfig], LossOutput]] = {
@@ -313,4 +305,6 @@ def needs(config: DistillConfig) -> Needs:
 
 
 def compute_loss(x: TokenRecord, config: DistillConfig) -> LossOutput:
-    return LOSSES[config.method](x, config)
+    """`config.method`'s per-token loss, with its own metrics and the common ones."""
+    out = LOSSES[config.method](x, config)
+    return LossOutput(out.per_token, {**_common_metrics(x, config), **out.metrics})

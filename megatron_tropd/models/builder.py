@@ -159,9 +159,3 @@ def build_model(
         model.eval()
         model.requires_grad_(False)
     return model
-
-
-def build_student_and_teacher(student_arch: ModelArch, teacher_arch: ModelArch, **kwargs):
-    """Both models on the same TP/PP groups, after checking they can be distilled together."""
-    check_student_teacher(student_arch, teacher_arch)
-    return build_model(student_arch, "student", **kwargs), build_model(teacher_arch, "teacher", **kwargs)

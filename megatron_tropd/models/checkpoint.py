@@ -20,10 +20,9 @@ import os
 import shutil
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_tropd.initialize import first_error
+from megatron_tropd.initialize import barrier, first_error, rank
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.hf_checkpoint import CheckpointError, copy_companion_files
 from megatron_tropd.writers import bind_writer_processes
@@ -38,15 +37,6 @@ FILE_ERRORS = (OSError, CheckpointException)
 # directory removed under them, ...) and more; any of them is a failed save. KeyboardInterrupt
 # and SystemExit are not.
 WRITE_ERRORS = (Exception, CheckpointException)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def check_output_dir(target: str, overwrite: bool):
@@ -86,7 +76,7 @@ def atomic_directory(target: str, overwrite: bool = False):
         error = e
     failure = first_error(None if error is None else describe_error(error))
     if failure is not None:
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if error is not None and not isinstance(error, WRITE_ERRORS):
             raise error
@@ -103,7 +93,7 @@ def atomic_directory(target: str, overwrite: bool = False):
 def on_rank_0(fn, target: str):
     """Run `fn` on rank 0; if it fails, every rank raises the same one-line error (collective)."""
     error = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             fn()
         except WRITE_ERRORS as e:
@@ -117,7 +107,7 @@ def describe_error(error: BaseException) -> str:
     """One line for a file-system or dist_checkpointing failure: the OS's reason and the file, or
     the first failing rank's exception inside megatron-core / torch.distributed.checkpoint."""
     if isinstance(error, CheckpointException) and error.failures:
-        rank, (inner, _) = min(error.failures.items())
+        inner, _ = min(error.failures.items())[1]  # the lowest failing rank's
         return describe_error(inner)
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
@@ -166,7 +156,7 @@ def write_model(directory: str, model, arch: ModelArch, *, source_dir: str = Non
     and the trainer's checkpoints wrap this in `atomic_directory`."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    if _rank() == 0:
+    if rank() == 0:
         if source_dir is not None:
             shutil.copyfile(os.path.join(source_dir, "config.json"),
                             os.path.join(directory, "config.json"))
@@ -183,7 +173,7 @@ def write_model(directory: str, model, arch: ModelArch, *, source_dir: str = Non
             **(metadata or {}),
         })
         os.makedirs(os.path.join(directory, WEIGHTS_DIR))
-    _barrier()
+    barrier()
     bind_writer_processes()  # the trainer's optimiser save comes after this one
     dist_checkpointing.save(model.sharded_state_dict(), os.path.join(directory, WEIGHTS_DIR))
 

@@ -524,15 +524,11 @@ def sample(logits, vocab_size: int, uniforms, temperature: float = 1.0, top_k: i
         temperature: 0 means greedy (argmax, ties to the smallest id).
         top_k: keep only the k most likely ids (0 = all).
         top_p: keep the smallest most-likely set of probability >= top_p (1.0 = all).
+    The settings are checked once, by `rollout.generate.check_sampling`.
     Returns: global ids `[...]` (int64).
     """
     group = _group(group)
     z, start, n_valid = _rows(logits, vocab_size, group)
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-        raise ValueError(
-            f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0 "
-            f"(got {temperature}, {top_p}, {top_k})"
-        )
     if temperature == 0:
         return _global_argmax(z, start, group).view(logits.shape[:-1])
     z = z.double() if temperature == 1.0 else z.double() / temperature

@@ -58,16 +58,22 @@ class SamplingParams:
 
     def __post_init__(self):
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n_samples < 1:
             raise GenerationError(f"n_samples must be >= 1, got {self.n_samples}")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float):
+    """The one check of the sampling settings (`SamplingParams`, the trainer's flags): a
+    `GenerationError` naming the first bad one."""
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be >= 0, got {top_k}")
 
 
 def generate(
