@@ -201,9 +201,8 @@ def _optimizer(args, model):
 def _fused_cpu_adam(optimizer):
     """Without apex or TransformerEngine megatron-core steps with torch's Adam(W), which for CPU
     tensors picks neither its foreach nor its fused implementation but a Python loop of about ten
-    elementwise ops per parameter tensor; its fused CPU kernel makes one pass per tensor (optimiser
-    step of a 52M-parameter student 5x to 15x faster on the project's machine). GPU runs keep
-    megatron's choice."""
+    elementwise ops per parameter tensor; its fused CPU kernel makes one pass per tensor (the
+    speed-up: docs/PERFORMANCE.md, "Step profile"). GPU runs keep megatron's choice."""
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = chained.optimizer
         params = [p for group in inner.param_groups for p in group["params"]]

@@ -233,8 +233,8 @@ def _check(rows, params, vocab_size, max_sequence_length):
 
 def _without_cuda_to_cpu_mode():
     """On a CPU host, generation with the KV cache runs without the CPU compatibility layer's
-    TorchFunctionMode, which sends every torch call through Python (about 11% of a decode step of
-    the benchmark model). That path allocates nothing on a CUDA device (the KV cache is built
+    TorchFunctionMode, which sends every torch call through Python (its cost: docs/PERFORMANCE.md,
+    "Rollout"). That path allocates nothing on a CUDA device (the KV cache is built
     outside it; megatron's core attention, which takes a buffer on the current CUDA device, is not
     called), so the mode has nothing to do
     there; a megatron-core change that did allocate would fail loudly ("Torch not compiled with

@@ -77,11 +77,11 @@ class DecodeLinear:
 
     On a CPU with MKL a float32 weight is packed once per call for products of `rows` rows (MKL's
     packed GEMM, the format torch's own CPU compiler uses for linear layers): a decode step's
-    product of a few rows with a weight read from memory then runs about 1.4x faster than with the
-    plain `[out, in]` weight or a row-major copy (the 8-row products of the large benchmark student:
-    14.7 vs 20 ms per step; its output layer 7.0 vs 12.1 ms), and packing costs less than a
-    transposed copy. Products of another row count (the prefill) use the plain weight, as do other
-    dtypes and every device without MKL. The weights change between calls, not during one.
+    product of a few rows with a weight read from memory is faster that way than with the plain
+    `[out, in]` weight or a row-major copy, and packing costs less than a transposed copy
+    (docs/PERFORMANCE.md, "Decode products through MKL's packed GEMM"). Products of another row
+    count (the prefill) use the plain weight, as do other dtypes and every device without MKL. The
+    weights change between calls, not during one.
     """
 
     def __init__(self, weight, rows: int):
