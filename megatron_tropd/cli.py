@@ -16,6 +16,16 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def add_parallel_args(parser, what: str = "to run the model at"):
+    """A tool's --tensor-model-parallel-size / --tp and --pipeline-model-parallel-size / --pp."""
+    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N",
+                        help=f"tensor-parallel size {what} (default 1); must divide the attention "
+                             f"and key/value heads")
+    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, metavar="N",
+                        help="pipeline-parallel size (default 1); must divide the layers; the "
+                             "launch has TP x PP processes (x DP where the tool shards data)")
+
+
 def world_size() -> int:
     """Processes in this launch (torchrun sets WORLD_SIZE; a plain python run is one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -39,24 +39,30 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def load_for_eval(directory: str, tokenizer_path: str = None):
-    """(arch, this rank's model stage, tokenizer) of a Megatron or HF checkpoint directory; the
-    tokenizer is the directory's own unless `tokenizer_path` is given."""
+def load_inference_model(directory: str):
+    """(arch, this rank's frozen model stage) of a Megatron or HF checkpoint directory, at the
+    current TP/PP layout (evaluation, offline teacher responses)."""
     from megatron_tropd.conversion import build_from_hf
     from megatron_tropd.models.arch import ModelArch
     from megatron_tropd.models.builder import build_model
     from megatron_tropd.models.checkpoint import (METADATA_FILE, load_model, params_dtype,
                                                   read_metadata)
-    from megatron_tropd.tokenizer import load_tokenizer
 
     if os.path.isfile(os.path.join(directory, METADATA_FILE)):
         arch = ModelArch.from_file(directory)
         model = build_model(arch, "teacher", params_dtype=params_dtype(read_metadata(directory)),
                             perform_initialization=False)
         load_model(directory, model)
-    else:
-        arch, model = build_from_hf(directory, role="teacher")
-    return arch, model, load_tokenizer(tokenizer_path or directory)
+        return arch, model
+    return build_from_hf(directory, role="teacher")
+
+
+def load_for_eval(directory: str, tokenizer_path: str = None):
+    """(arch, this rank's model stage, tokenizer) of a Megatron or HF checkpoint directory; the
+    tokenizer is the directory's own unless `tokenizer_path` is given."""
+    from megatron_tropd.tokenizer import load_tokenizer
+
+    return (*load_inference_model(directory), load_tokenizer(tokenizer_path or directory))
 
 
 @dataclasses.dataclass
@@ -225,8 +231,7 @@ def _parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=100,
                         help="sequences decoded at once (continuous batching)")
     add_data_args(parser)
-    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N")
-    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, metavar="N")
+    cli.add_parallel_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     parser.add_argument("--output", help="JSON file to write the results to ({label: result})")
     parser.add_argument("--verbose", action="store_true",

@@ -261,13 +261,13 @@ def test_slurm_passes_a_failure_on_without_requeue(fake_slurm):
 
 
 def test_teacher_responses_command():
-    env = dict(MODEL_CONFIG="t/config.json", WEIGHTS="t.pt", PROMPTS="p.jsonl", OUTPUT="o.jsonl",
-               TOKENIZER="t", NPROC_PER_NODE="4")
+    env = dict(TEACHER="t", PROMPTS="p.jsonl", OUTPUT="o.jsonl", TOKENIZER="tok",
+               NPROC_PER_NODE="4")
     (command,) = _dry_run("generate_teacher_responses.sh", env)
     assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "4"]
     assert command[4].endswith("tools/generate_teacher_responses.py")
     args = _tool("generate_teacher_responses").parse_args(command[5:])
-    assert (args.model_config, args.weights, args.prompts, args.output, args.tokenizer) == (
-        "t/config.json", "t.pt", "p.jsonl", "o.jsonl", "t")
-    assert (args.tp, args.pp, args.max_new_tokens, args.temperature, args.seed) == (
-        2, 1, 8192, 1.0, 1234)
+    assert (args.load, args.prompts, args.output, args.tokenizer) == (
+        "t", "p.jsonl", "o.jsonl", "tok")
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.max_new_tokens, args.temperature, args.seed) == (2, 1, 8192, 1.0, 1234)

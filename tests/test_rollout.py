@@ -272,16 +272,19 @@ def check_teacher_signals_at_tp1(ctx):
 
 
 def check_offline_teacher_responses_tool(ctx):
-    """tools/generate_teacher_responses.py, at this spawn's layout (data parallelism included),
-    writes the responses the teacher samples online in one call."""
+    """tools/generate_teacher_responses.py, at this spawn's layout (data parallelism included), on
+    the teacher saved as a Megatron checkpoint: writes the responses the teacher samples online in
+    one call."""
     import importlib.util
     import json
     import os
 
+    import sentencepiece as spm
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_tropd.data import load_teacher_responses
+    from megatron_tropd.models.checkpoint import save_model
     from megatron_tropd.rollout.generate import SamplingParams
     from megatron_tropd.rollout.teacher_responses import (
         lookup_teacher_responses, online_teacher_responses)
@@ -292,18 +295,21 @@ def check_offline_teacher_responses_tool(ctx):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     paths = {name: os.path.join(ctx["tmp"], name)
-             for name in ("arch.json", "weights.pt", "prompts.jsonl", "out.jsonl")}
-    if dist.get_rank() == 0:
-        with open(paths["arch.json"], "w") as f:
-            json.dump(dict(vars(ARCH)), f)
-        torch.save(ctx["teacher_sd"], paths["weights.pt"])
+             for name in ("teacher", "tok", "prompts.jsonl", "out.jsonl")}
+    save_model(paths["teacher"], ctx["teacher"], ARCH)  # collective, at this layout
+    if dist.get_rank() == 0:  # a tokenizer for the texts written next to the ids
+        with open(paths["tok"] + ".txt", "w") as f:
+            f.write("0123456789+=\n" * 20)
+        spm.SentencePieceTrainer.train(input=paths["tok"] + ".txt", model_prefix=paths["tok"],
+                                       vocab_size=16, model_type="char", minloglevel=2,
+                                       hard_vocab_limit=False)
         with open(paths["prompts.jsonl"], "w") as f:
             f.writelines(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS)
     dist.barrier()
-    tool.main(["--model-config", paths["arch.json"], "--weights", paths["weights.pt"],
+    tool.main(["--load", paths["teacher"], "--tokenizer", paths["tok"] + ".model",
                "--prompts", paths["prompts.jsonl"], "--output", paths["out.jsonl"],
                "--tp", str(ps.get_tensor_model_parallel_world_size()),
-               "--pp", str(ps.get_pipeline_model_parallel_world_size()),
+               "--pp", str(ps.get_pipeline_model_parallel_world_size()), "--stop-ids",
                "--temperature", "1", "--seed", "11", "--max-new-tokens", str(NEW_TOKENS),
                "--batch-size", "3"])
     offline = lookup_teacher_responses(load_teacher_responses(paths["out.jsonl"]), PROMPTS)

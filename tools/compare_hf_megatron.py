@@ -33,10 +33,7 @@ def _parse_args(argv=None):
     parser = cli.argument_parser(__doc__)
     parser.add_argument("--hf-dir", required=True, help="HF model directory")
     parser.add_argument("--megatron-dir", required=True, help="Megatron checkpoint directory")
-    parser.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N",
-                        help="tensor-parallel size to run the Megatron model at (default 1)")
-    parser.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, metavar="N",
-                        help="pipeline-parallel size (default 1); run on TP x PP processes")
+    cli.add_parallel_args(parser, "to run the Megatron model at")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="dtype both models run in (default: the checkpoint's)")
     parser.add_argument("--transformer-engine", action="store_true",

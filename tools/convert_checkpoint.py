@@ -36,11 +36,7 @@ def _parse_args(argv=None):
     to_mcore.add_argument("--hf-dir", required=True, help="HF model directory to read")
     to_mcore.add_argument("--output-dir", required=True,
                           help="Megatron checkpoint directory to write")
-    to_mcore.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1, metavar="N",
-                          help="tensor-parallel size to convert at (default 1); must divide the "
-                               "attention and key/value heads")
-    to_mcore.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1, metavar="N",
-                          help="pipeline-parallel size (default 1); must divide the layers")
+    cli.add_parallel_args(to_mcore, "to convert at")
     to_mcore.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                           help="dtype of the Megatron weights (default float32)")
     to_mcore.add_argument("--overwrite", action="store_true",
