@@ -469,7 +469,7 @@ def test_compare_tool_is_a_gate(converted, tmp_path):
         (os.path.join(REPO, "examples", "toy", "teacher"), qwen3, "vocab_size (20 vs 300)"),
     ]:
         result = _compare("--hf-dir", hf_dir, "--megatron-dir", ckpt)
-        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
         assert result.stderr.splitlines()[-1] == (
             f"error: --hf-dir {hf_dir} and --megatron-dir {ckpt} differ in {difference}")
         assert "Traceback" not in result.stderr
