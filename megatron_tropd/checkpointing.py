@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from megatron_tropd import faults, resume_flags
-from megatron_tropd.records import DataError
 from megatron_tropd.initialize import barrier, first_error, print_rank_0, rank, world_size
 from megatron_tropd.models import checkpoint as model_checkpoint
 from megatron_tropd.models.hf_checkpoint import CheckpointError
+from megatron_tropd.records import DataError
 
 LATEST = "latest"
 OPTIMIZER_DIR = "optimizer"

@@ -91,7 +91,7 @@ def hf_to_megatron(hf_dir: str, output_dir: str, dtype: torch.dtype = torch.floa
     pp = ps.get_pipeline_model_parallel_world_size()
     if dist.get_world_size() != tp * pp:
         raise UserError(f"conversion runs on TP x PP = {tp * pp} processes, not "
-                              f"{dist.get_world_size()} (no data-parallel replicas)")
+                        f"{dist.get_world_size()} (no data-parallel replicas)")
     check_output_dir(output_dir, overwrite)
     arch, model = build_from_hf(hf_dir, dtype)
     save_model(output_dir, model, arch, source_dir=hf_dir, overwrite=overwrite,

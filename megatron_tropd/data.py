@@ -231,14 +231,16 @@ def load_teacher_responses(path, vocab_size: Optional[int] = None) -> dict:
     sharding of the training prompts; a prompt given twice is an error."""
     responses, rows = {}, {}
     for where, record in read_rows(path):
-        prompt = tuple(_token_ids(where, record, "prompt_ids", vocab_size))
+        prompt = tuple(token_ids(where, record, "prompt_ids", vocab_size))
         if prompt in rows:
             raise DataError(f"{where}: the same prompt_ids are already given at {rows[prompt]}")
-        responses[prompt], rows[prompt] = _token_ids(where, record, "response_ids", vocab_size), where
+        responses[prompt], rows[prompt] = token_ids(where, record, "response_ids", vocab_size), where
     return responses
 
 
-def _token_ids(where: str, record: dict, key: str, vocab_size: Optional[int]) -> list[int]:
+def token_ids(where: str, record: dict, key: str, vocab_size: Optional[int]) -> list[int]:
+    """`record[key]` as token ids: an array of non-negative integers below `vocab_size` (when
+    given), else a one-line `DataError` naming `where`."""
     if key not in record:
         raise DataError(f"{where}: missing '{key}'")
     ids = record[key]

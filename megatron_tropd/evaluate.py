@@ -286,7 +286,7 @@ def run(args) -> list:
     from megatron.core import parallel_state as ps
 
     from megatron_tropd.data import DataError, columns_from_args, load_prompts
-    from megatron_tropd.initialize import initialize_distributed, print_rank_0
+    from megatron_tropd.initialize import initialize_distributed, print_rank_0, rank
     from megatron_tropd.tasks.splits import write_jsonl
     from megatron_tropd.tasks.verifiers import get_verifier
     from megatron_tropd.tokenizer import load_chat_template
@@ -316,7 +316,7 @@ def run(args) -> list:
         if responses is not None:
             path = args.save_responses + (f".{label}" if len(args.load) > 1 else "")
             responses = _gather_over_data_parallel(responses)
-            if _rank0():
+            if rank() == 0:
                 write_jsonl(path, responses)
         result.update(load=load, data=args.data, verifier=args.verifier,
                       seconds=round(time.perf_counter() - start, 1))
@@ -325,15 +325,12 @@ def run(args) -> list:
     return rows
 
 
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
 
 def _report(args, rows):
     """The table on stdout and the JSON file (rank 0)."""
-    if not _rank0():
+    from megatron_tropd.initialize import rank
+
+    if rank() != 0:
         return
     print(format_table(rows), flush=True)
     if args.output:

@@ -77,7 +77,7 @@ def _init_process_group(backend: str, timeout: timedelta):
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     except (dist.DistError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot start the process group at {address} "
-                                  f"({_network_reason(e)})") from None
+                        f"({_network_reason(e)})") from None
 
 
 def _network_reason(error: Exception) -> str:

@@ -55,13 +55,13 @@ def parse_args(argv=None):
 def read_prompts(args, tokenizer):
     """The token ids of every prompt: a file of `prompt_ids` rows as given, any other file as the
     trainer reads its --prompts."""
-    from megatron_tropd.data import columns_from_args, load_prompts
+    from megatron_tropd.data import columns_from_args, load_prompts, token_ids
     from megatron_tropd.tokenizer import load_chat_template
 
     rows = list(read_rows(args.prompts))
     with_ids = ["prompt_ids" in row for _, row in rows]
     if all(with_ids):
-        return [list(row["prompt_ids"]) for _, row in rows]
+        return [token_ids(where, row, "prompt_ids", None) for where, row in rows]
     if any(with_ids):
         where = rows[with_ids.index(False)][0]
         raise DataError(f"{where}: no prompt_ids, which other rows of the file have (give ids on "

@@ -63,7 +63,7 @@ def write_prompts(path: str, problems: list[Problem]):
 def write_sft(path: str, problems: list[Problem]):
     """SFT JSONL (`{prompt, response, answer}`): the worked solutions."""
     write_jsonl(path, ({"prompt": p.prompt, "response": p.solution(), "answer": p.answer}
-                        for p in problems))
+                       for p in problems))
 
 
 def write_jsonl(path, records):
