@@ -39,6 +39,7 @@ from megatron_tropd.initialize import (all_reduce_max, comm_device, initialize_d
 from megatron_tropd.models.forward import scored_logits
 from megatron_tropd.monitor import MetricsLogger
 from megatron_tropd.ops import vocab_parallel as vp
+from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
 from megatron_tropd.rollout import prefix as prefix_schedule
 from megatron_tropd.rollout.generate import SamplingParams, generate
 from megatron_tropd.stopping import StopConditions
@@ -238,9 +239,9 @@ def distill_fields(args, run, batch, step):
         return {}
     needs, record = run.needs, batch.record
     if needs.uniform:
-        keys = vp.sampling_keys(args.seed + _TRUST_SEED_OFFSET, batch.record_sample_ids(),
+        keys = sampling_keys(args.seed + _TRUST_SEED_OFFSET, batch.record_sample_ids(),
                                 batch.record_positions())
-        record.uniform = vp.uniform_from_keys(keys)
+        record.uniform = uniform_from_keys(keys)
     if needs.selection:
         group = parallel_state.get_data_parallel_group()
         record.selected = select_tokens(run.config, step, record, group)

@@ -106,7 +106,8 @@ def _left_padded_generate(model, params, prefixes=None):
     """The engine before rows started at column 0, as a reference: contexts left-padded to end at one
     column, megatron's forward of the whole batch at every step under an explicit causal + padding
     mask, draws keyed by (seed, sample id, response position). Returns each row's response."""
-    from megatron_tropd.ops import vocab_parallel as vp
+    from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
+    from megatron_tropd.ops.sampling import sample
 
     prefixes = prefixes or [[]] * len(PROMPTS)
     contexts, sample_ids, prefix_lengths, responses = [], [], [], []
@@ -133,10 +134,10 @@ def _left_padded_generate(model, params, prefixes=None):
         hidden &= keys[None, :] != keys[:, None]  # a padding query attends to itself
         with torch.no_grad():
             logits = model(tokens[:, :end], None, hidden)[:, -1]
-        uniforms = vp.uniform_from_keys(vp.sampling_keys(
+        uniforms = uniform_from_keys(sampling_keys(
             params.seed, torch.tensor(sample_ids, device=device),
             torch.tensor(prefix_lengths, device=device) + step))
-        ids = vp.sample(logits, VOCAB, uniforms, params.temperature, params.top_k, params.top_p)
+        ids = sample(logits, VOCAB, uniforms, params.temperature, params.top_k, params.top_p)
         tokens[:, end] = ids
         for row in range(len(contexts)):
             if not done[row]:

@@ -5,7 +5,6 @@ resume is bit-exact and works at another layout. Spawns are grouped by layout.""
 import dataclasses
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -161,7 +160,7 @@ def _reference_iteration(root, method, flags, batch):
     from megatron_tropd.distill import losses
     from megatron_tropd.models.builder import build_model
     from megatron_tropd.models.sharding import global_state_dict
-    from megatron_tropd.ops import vocab_parallel as vp
+    from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
     from megatron_tropd.tokens import TokenRecord
 
     args = _args(root, *flags, iters=1, method=method)
@@ -199,7 +198,7 @@ def _reference_iteration(root, method, flags, batch):
     if needs.reverse_kl:
         x.reverse_kl = (p * (lp_s - lp_t)).sum(-1).detach()
     if needs.uniform:
-        x.uniform = vp.uniform_from_keys(vp.sampling_keys(
+        x.uniform = uniform_from_keys(sampling_keys(
             args.seed + training._TRUST_SEED_OFFSET, batch.record_sample_ids(),
             batch.record_positions()))
     if needs.selection:

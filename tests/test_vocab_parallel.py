@@ -202,6 +202,9 @@ def check_topk():
 
 
 def check_topk_forward_kl():
+    """The top-k forward KL of the losses from the student's sharded log-probs at the teacher's
+    top-k ids: value and gradient equal the full-vocabulary reference."""
+    from megatron_tropd.distill.losses import topk_forward_kl_terms
     from megatron_tropd.ops import vocab_parallel as vp
 
     k = 16
@@ -215,7 +218,8 @@ def check_topk_forward_kl():
             ls = torch.log_softmax(s, -1).gather(-1, t_ids)
             return (lt.exp() * (lt - ls)).sum(-1)
 
-        _value_and_grads(lambda s: vp.topk_forward_kl(s, t_lp, t_ids, VOCAB, renormalize), ref)
+        _value_and_grads(lambda s: topk_forward_kl_terms(t_lp, vp.log_probs_at(s, t_ids, VOCAB),
+                                                          renormalize), ref)
 
 
 def check_bf16_inputs_match_fp32_math():
@@ -319,20 +323,21 @@ def _reference_probs(row, temperature, top_k, top_p):
 
 
 def check_sampling_distribution():
-    from megatron_tropd.ops import vocab_parallel as vp
+    from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
+    from megatron_tropd.ops.sampling import sample
 
     full = _sampling_logits()
-    uniforms = vp.uniform_from_keys(vp.sampling_keys(1234, torch.arange(N_DRAWS), 0))
+    uniforms = uniform_from_keys(sampling_keys(1234, torch.arange(N_DRAWS), 0))
     for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.6)):
-        ids = vp.sample(_local(full).detach(), VOCAB, uniforms, temperature, top_k, top_p)
+        ids = sample(_local(full).detach(), VOCAB, uniforms, temperature, top_k, top_p)
         _assert_goodness_of_fit(ids, _reference_probs(full[0], temperature, top_k, top_p))
 
 
 def check_greedy_is_argmax():
-    from megatron_tropd.ops import vocab_parallel as vp
+    from megatron_tropd.ops.sampling import sample
 
     full = _full_logits(41)
-    ids = vp.sample(_local(full).detach(), VOCAB, None, 0.0)
+    ids = sample(_local(full).detach(), VOCAB, None, 0.0)
     assert torch.equal(ids, full[..., :VOCAB].argmax(-1))
 
 
@@ -356,13 +361,14 @@ CHECKS = [
 
 def _samples_for_invariance():
     """Sampled ids under several settings, with fixed keys (compared across TP sizes)."""
-    from megatron_tropd.ops import vocab_parallel as vp
+    from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
+    from megatron_tropd.ops.sampling import sample
 
     full = _full_logits(51, scale=1.0)
-    uniforms = vp.uniform_from_keys(
-        vp.sampling_keys(99, torch.arange(SHAPE[0] * SHAPE[1]).view(SHAPE), 3))
+    uniforms = uniform_from_keys(
+        sampling_keys(99, torch.arange(SHAPE[0] * SHAPE[1]).view(SHAPE), 3))
     settings = ((1.0, 0, 1.0), (0.7, 10, 1.0), (1.0, 0, 0.9), (1.3, 50, 0.95))
-    return torch.stack([vp.sample(_local(full).detach(), VOCAB, uniforms, *s) for s in settings])
+    return torch.stack([sample(_local(full).detach(), VOCAB, uniforms, *s) for s in settings])
 
 
 def _worker():

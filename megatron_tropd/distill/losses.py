@@ -18,7 +18,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from megatron_tropd.ops.vocab_parallel import topk_forward_kl_terms
 from megatron_tropd.tokens import TokenRecord
 
 METHODS = ("opd", "tropd", "eopd", "reopold", "reopold-2stage", "jsd", "fkl", "entropy-opd")
@@ -131,6 +130,16 @@ def policy_gradient(advantage, x: TokenRecord, config: DistillConfig):
 def k1_advantage(x: TokenRecord):
     """A = -k1 = lp_T - lp_S_old: the per-token reverse-KL reward of on-policy distillation."""
     return (x.teacher_logprobs - x.old_logprobs).detach()
+
+
+def topk_forward_kl_terms(teacher_topk_log_probs, student_topk_log_probs, renormalize: bool = False):
+    """Σ_{v ∈ TopK(π_T)} π_T(v) (log π_T(v) - log π_S(v)) from log-probs at the teacher's top-k ids
+    `[..., k]` (both normalised over the full vocabulary). With `renormalize` the teacher's k
+    probabilities are renormalised to sum to one first. Gradient flows through the student's."""
+    teacher_lp = teacher_topk_log_probs.float()
+    if renormalize:
+        teacher_lp = teacher_lp - teacher_lp.logsumexp(dim=-1, keepdim=True)
+    return (teacher_lp.exp() * (teacher_lp - student_topk_log_probs.float())).sum(dim=-1)
 
 
 def topk_fkl(x: TokenRecord, config: DistillConfig, k: Optional[int] = None):

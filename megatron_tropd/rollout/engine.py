@@ -26,6 +26,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from megatron_tropd.ops import vocab_parallel as vp
+from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
+from megatron_tropd.ops.sampling import sample
 from megatron_tropd.rollout.kv_cache import KVCache
 from megatron_tropd.rollout.stage import GenerationStage
 
@@ -121,7 +123,7 @@ class Engine:
         steps = torch.tensor([self.steps[s] for s in active], device=self.device)
         where = torch.tensor(active, device=self.device)
         if self.stage.is_last:
-            ids = vp.sample(logits, self.vocab_size, self._uniforms(),
+            ids = sample(logits, self.vocab_size, self._uniforms(),
                             params.temperature, params.top_k, params.top_p)
             if self.record_entropy:
                 log_probs, entropy = vp.token_log_probs_and_entropy(logits, ids, self.vocab_size)
@@ -152,7 +154,7 @@ class Engine:
             row = self.slot_row[s]
             sample_ids.append(0 if row is None else self.rows[row].sample_id)
             positions.append(0 if row is None else self.rows[row].prefix_length + self.steps[s])
-        return vp.uniform_from_keys(vp.sampling_keys(
+        return uniform_from_keys(sampling_keys(
             self.params.seed, torch.tensor(sample_ids, device=self.device),
             torch.tensor(positions, device=self.device)))
 

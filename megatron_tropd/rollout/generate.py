@@ -23,6 +23,8 @@ import torch
 
 from megatron_tropd.errors import UserError
 from megatron_tropd.ops import vocab_parallel as vp
+from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
+from megatron_tropd.ops.sampling import sample
 from megatron_tropd.rollout.batch import RolloutBatch
 from megatron_tropd.rollout.engine import Engine, Row, Sampled
 from megatron_tropd.rollout.stage import GenerationStage
@@ -150,10 +152,10 @@ def _recompute(model, rows: List[Row], params, vocab_size: int, record_entropy: 
         logits = stage.full_forward(tokens[:, :int(lengths.max())], lengths - 1)
         ids = torch.empty(n_rows, dtype=torch.long, device=device)
         if stage.is_last:
-            uniforms = (vp.uniform_from_keys(vp.sampling_keys(params.seed, sample_ids,
+            uniforms = (uniform_from_keys(sampling_keys(params.seed, sample_ids,
                                                               prefix_lengths + step))
                         if params.temperature > 0 else None)
-            ids = vp.sample(logits, vocab_size, uniforms, params.temperature, params.top_k,
+            ids = sample(logits, vocab_size, uniforms, params.temperature, params.top_k,
                             params.top_p)
             if record_entropy:
                 sampled.log_probs[:, step], sampled.entropy[:, step] = (
