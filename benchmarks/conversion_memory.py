@@ -24,10 +24,10 @@ import torch
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, REPO)
 
+from megatron_tropd.checkpoint.hf_files import SafetensorsWriter  # noqa: E402
+from megatron_tropd.checkpoint.hf_mapping import hf_shapes  # noqa: E402
+from megatron_tropd.checkpoint.model_dir import write_json  # noqa: E402
 from megatron_tropd.models.arch import ModelArch  # noqa: E402
-from megatron_tropd.models.checkpoint import write_json  # noqa: E402
-from megatron_tropd.models.hf_checkpoint import SafetensorsWriter  # noqa: E402
-from megatron_tropd.models.hf_mapping import hf_shapes  # noqa: E402
 
 GIB = 1024**3
 

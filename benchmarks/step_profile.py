@@ -15,7 +15,7 @@ ranks, the warm-up iteration dropped:
   communication    every torch.distributed collective, in all phases, and the whole gradient
                    finalisation (data-parallel all-reduce of the gradients, scaling by the
                    global token count); on CPU (gloo) this includes waiting for the other rank
-  checkpointing    one save (`checkpointing.save`) divided by `--save-interval`
+  checkpointing    one save (`checkpointer.save`) divided by `--save-interval`
   other            the rest of the iteration (distillation inputs, metrics, logging)
 
 MFU: forward FLOPs of the student update are 2 x (the layers' matrix-multiply parameters) plus

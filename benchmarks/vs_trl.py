@@ -157,7 +157,7 @@ def megatron_checkpoints(pair_dirs, root):
 
 
 def _convert(hf_dir, out_dir):
-    from megatron_tropd.conversion import hf_to_megatron
+    from megatron_tropd.checkpoint.conversion import hf_to_megatron
 
     hf_to_megatron(hf_dir, out_dir)
 

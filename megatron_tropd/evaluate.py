@@ -42,11 +42,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def load_inference_model(directory: str):
     """(arch, this rank's frozen model stage) of a Megatron or HF checkpoint directory, at the
     current TP/PP layout (evaluation, offline teacher responses)."""
-    from megatron_tropd.conversion import build_from_hf
+    from megatron_tropd.checkpoint.conversion import build_from_hf
+    from megatron_tropd.checkpoint.model_dir import (METADATA_FILE, load_model, params_dtype,
+                                                     read_metadata)
     from megatron_tropd.models.arch import ModelArch
     from megatron_tropd.models.builder import build_model
-    from megatron_tropd.models.checkpoint import (METADATA_FILE, load_model, params_dtype,
-                                                  read_metadata)
 
     if os.path.isfile(os.path.join(directory, METADATA_FILE)):
         arch = ModelArch.from_file(directory)

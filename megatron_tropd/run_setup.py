@@ -1,6 +1,6 @@
 """Everything a training run holds, built from the arguments: the student (with megatron DDP,
 optimiser and LR schedule), the frozen teacher, the tokenizer, the data and its sampler. Resuming
-from a checkpoint is `checkpointing.resume`'s job; this module only builds."""
+from a checkpoint is `checkpointer.resume`'s job; this module only builds."""
 
 import dataclasses
 from typing import Callable, List, Optional
@@ -47,7 +47,7 @@ class Run:
 def setup_run(args) -> Run:
     from megatron.core import parallel_state
 
-    from megatron_tropd import checkpointing
+    from megatron_tropd.checkpoint import checkpointer
     from megatron_tropd.data import PromptSampler
 
     student_arch = _arch(args.student_load, args.student_config)
@@ -64,11 +64,11 @@ def setup_run(args) -> Run:
     common = dict(params_dtype=dtype, use_transformer_engine=args.transformer_engine)
     model = build_model(student_arch, "student", calculate_per_token_loss=True, **common)
     if args.student_load:
-        checkpointing.load_weights(args.student_load, model)
+        checkpointer.load_weights(args.student_load, model)
     if args.mode == "distill":
         teacher = build_model(teacher_arch, "teacher", **common)
         if args.teacher_load:
-            checkpointing.load_weights(args.teacher_load, teacher)
+            checkpointer.load_weights(args.teacher_load, teacher)
     ddp, optimizer, scheduler = _optimizer(args, model)
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -90,7 +90,7 @@ def setup_run(args) -> Run:
         run.verifier = _verifier(args, examples)
     if args.eval_data:
         run.eval_examples = _eval_examples(args, tokenizer)
-    checkpointing.resume(args, run)
+    checkpointer.resume(args, run)
     return run
 
 

@@ -28,7 +28,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_tropd import arguments, checkpointing, errors, faults, run_setup
+from megatron_tropd import arguments, errors, faults, run_setup
+from megatron_tropd.checkpoint import checkpointer
 from megatron_tropd.distill import losses
 from megatron_tropd.distill.inputs import with_student_inputs
 from megatron_tropd.distill.scoring import recompute_old_logprobs
@@ -71,10 +72,10 @@ def train(args):
     when a stop condition (signal, time, --exit-interval) says so after an iteration."""
     stop = StopConditions(args)  # the --exit-duration-in-mins clock starts here
     dp = arguments.validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    checkpointing.check_writable(args.save)
+    checkpointer.check_writable(args.save)
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            args.seed)
-    lock = checkpointing.SaveDirLock(args.save)  # --save is this run's until it returns
+    lock = checkpointer.SaveDirLock(args.save)  # --save is this run's until it returns
     try:
         return _train(args, stop, dp)
     finally:
@@ -119,9 +120,9 @@ def _train(args, stop, dp):
             if args.eval_interval and run.iteration % args.eval_interval == 0:
                 logger.log_eval(run.iteration, heldout_pass_rate(args, run))
             reason = stop.reason(run.iteration)  # collective: every rank stops at one iteration
-            if checkpointing.due(args, run.iteration) or (reason and args.save):
+            if checkpointer.due(args, run.iteration) or (reason and args.save):
                 with timer("checkpoint"):  # after the log line: benchmarks/step_profile reads it
-                    checkpointing.save(args, run)
+                    checkpointer.save(args, run)
             if reason and run.iteration < args.train_iters:
                 print_rank_0(f"stopped at iteration {run.iteration} of {args.train_iters} "
                              f"({reason}): " + ("the same command resumes from the checkpoint"

@@ -111,12 +111,12 @@ def _convert_load_evaluate(root, layout, loads_from, export):
     saved; with `export`, also export every checkpoint in `root` back to HF."""
     from megatron.core import parallel_state as ps
 
-    from megatron_tropd.conversion import hf_to_megatron, megatron_to_hf
+    from megatron_tropd.checkpoint.conversion import hf_to_megatron, megatron_to_hf
+    from megatron_tropd.checkpoint.model_dir import load_model
+    from megatron_tropd.checkpoint.parity import forward_logits
+    from megatron_tropd.checkpoint.sharding import to_global_name
     from megatron_tropd.models.arch import ModelArch
     from megatron_tropd.models.builder import build_model
-    from megatron_tropd.models.checkpoint import load_model
-    from megatron_tropd.models.parity import forward_logits
-    from megatron_tropd.models.sharding import to_global_name
 
     tp = layout[0]
     jobs = []
@@ -169,7 +169,7 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_logits(converted):
-    from megatron_tropd.models.parity import hf_logits
+    from megatron_tropd.checkpoint.parity import hf_logits
 
     root = converted.root
     return {f: hf_logits(os.path.join(root, "hf", f), TOKENS) for f in FAMILIES}
@@ -187,7 +187,7 @@ CASES = [(f, saved_at, loaded_at)
                          ids=[f"{f}-saved_tp{s[0]}pp{s[1]}-loaded_tp{l[0]}pp{l[1]}"
                               for f, s, l in CASES])
 def test_parity_with_transformers(converted, reference_logits, family, saved_at, loaded_at):
-    from megatron_tropd.models.parity import format_parity, logit_parity
+    from megatron_tropd.checkpoint.parity import format_parity, logit_parity
 
     logits = converted.logits
     parity = logit_parity(reference_logits[family], logits[(family, saved_at, loaded_at)])
@@ -228,8 +228,8 @@ def test_round_trip_is_bit_exact(converted, family, layout):
 def test_megatron_key_sets_match(converted, family, layout):
     """The mapping names exactly the parameters the model's stages hold together (no tensor
     left unfilled, none converted for nothing)."""
+    from megatron_tropd.checkpoint.hf_mapping import tensor_mappings
     from megatron_tropd.models.arch import ModelArch
-    from megatron_tropd.models.hf_mapping import tensor_mappings
 
     arch = ModelArch.from_file(os.path.join(converted.root, "hf", family))
     assert converted.params[(family, layout)] == {m.megatron for m in tensor_mappings(arch)}
@@ -240,7 +240,7 @@ def test_export_loads_in_transformers_with_tokenizer(converted, reference_logits
     and the tokenizer, and computes the original's logits exactly."""
     from transformers import AutoTokenizer
 
-    from megatron_tropd.models.parity import hf_logits
+    from megatron_tropd.checkpoint.parity import hf_logits
 
     root = converted.root
     for family, layout in [("qwen2", (2, 2)), ("llama", (1, 2))]:
@@ -374,9 +374,8 @@ def test_existing_output_dir_needs_overwrite(converted, tmp_path, capsys):
 
 
 def test_failed_write_leaves_nothing(tmp_path):
-    from megatron_tropd.models.checkpoint import atomic_directory
-
-    from megatron_tropd.models.hf_checkpoint import CheckpointError
+    from megatron_tropd.checkpoint import CheckpointError
+    from megatron_tropd.checkpoint.model_dir import atomic_directory
 
     target = tmp_path / "out"
     # whatever a writer raises is the one-line error; an interrupt stays what it is

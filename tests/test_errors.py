@@ -67,10 +67,10 @@ def test_every_tool_reports_bad_input_as_one_line_and_status_2(bad_input_results
 
 def test_every_project_error_is_a_user_error():
     from megatron_tropd.arguments import ArgumentError
+    from megatron_tropd.checkpoint import CheckpointError
+    from megatron_tropd.checkpoint.parity import ParityError
     from megatron_tropd.memory_plan import PlanError
     from megatron_tropd.models.arch import ArchitectureError
-    from megatron_tropd.models.hf_checkpoint import CheckpointError
-    from megatron_tropd.models.parity import ParityError
     from megatron_tropd.records import DataError
     from megatron_tropd.rollout.generate import GenerationError
     from megatron_tropd.tasks.verifiers import VerifierError

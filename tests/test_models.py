@@ -67,7 +67,7 @@ def _forward_backward(arch_name, state_dict, forward="all", teacher_sd=None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_tropd.models import sharding
+    from megatron_tropd.checkpoint import sharding
     from megatron_tropd.models.builder import build_model
 
     arch = TEACHER if arch_name == "teacher" else ARCHS[arch_name]

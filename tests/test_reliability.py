@@ -27,8 +27,8 @@ import time
 
 import pytest
 import torch
-
 import toy_setup
+
 from megatron_tropd.cli import free_port
 from megatron_tropd.testing import run_distributed
 
@@ -421,7 +421,7 @@ def _prepare_nan_always(root, tmp):
 def _failing_rng_save(error):
     """Rank 1's RNG file of iteration 2 raises `error(path)`."""
     def prepare(root, tmp):
-        from megatron_tropd import checkpointing
+        from megatron_tropd.checkpoint import checkpointer
 
         save = torch.save
 
@@ -430,7 +430,7 @@ def _failing_rng_save(error):
                 raise error(str(path))
             return save(obj, path, *args, **kwargs)
 
-        checkpointing.torch.save = failing
+        checkpointer.torch.save = failing
         return _flags(root, "--save", os.path.join(tmp, "run"), "--save-interval", "1")
     return prepare
 
@@ -553,10 +553,11 @@ def _bad_input_worker(root, scratch):
     """Every case of PREPARE (plus the read-only --save, the NaN step and the resumed
     schedules) through `training.main`; returns per case (status, the error line or the message
     lines, whether stderr held a traceback, the case's directory, the models built)."""
-    from megatron_tropd import checkpointing, run_setup
+    from megatron_tropd import run_setup
+    from megatron_tropd.checkpoint import checkpointer
     from megatron_tropd.distill import losses
 
-    originals = (losses.compute_loss, checkpointing.torch.save)
+    originals = (losses.compute_loss, checkpointer.torch.save)
     build_model, built = run_setup.build_model, []
 
     def counted_build(*args, **kwargs):
@@ -576,7 +577,7 @@ def _bad_input_worker(root, scratch):
             built.clear()
             status, out, err = _main(argv)
         finally:
-            losses.compute_loss, checkpointing.torch.save = originals
+            losses.compute_loss, checkpointer.torch.save = originals
         line = _last_line(err) if status else _message_lines(out)
         results[name] = (status, line, "Traceback" in err, tmp, len(built))
     run_setup.build_model = build_model
@@ -598,12 +599,11 @@ def _read_only_case(root, tmp):
 
 def _nan_once(root, tmp):
     """Three iterations with a NaN loss in the second; a snapshot of weights, Adam state and LR
-    schedule after each (through `checkpointing.save`, called every iteration)."""
+    schedule after each (through `checkpointer.save`, called every iteration)."""
     import copy
 
-    from megatron_tropd import checkpointing
+    from megatron_tropd.checkpoint import checkpointer, sharding
     from megatron_tropd.distill import losses
-    from megatron_tropd.models import sharding
 
     snapshots = []
 
@@ -612,12 +612,12 @@ def _nan_once(root, tmp):
                           copy.deepcopy(run.optimizer.state_dict()),
                           copy.deepcopy(run.scheduler.state_dict())))
 
-    originals = (losses.compute_loss, checkpointing.save)
-    losses.compute_loss, checkpointing.save = _nan_loss({2}), snapshot
+    originals = (losses.compute_loss, checkpointer.save)
+    losses.compute_loss, checkpointer.save = _nan_loss({2}), snapshot
     try:
         status, out, err = _main(_flags(root, "--save", tmp, "--save-interval", "1", iters=3))
     finally:
-        losses.compute_loss, checkpointing.save = originals
+        losses.compute_loss, checkpointer.save = originals
     return status, _message_lines(out), "Traceback" in err, tmp, snapshots
 
 
@@ -625,7 +625,7 @@ def _resumed_schedules(root, tmp):
     """A cosine run of 2 iterations at --lr 1e-3, resumed to 4 iterations at --lr 2e-4, keeping
     the checkpoint's schedule and overriding it: per case (status, message lines, traceback,
     directory, the learning rate after iteration 3)."""
-    from megatron_tropd import checkpointing
+    from megatron_tropd.checkpoint import checkpointer
 
     run = os.path.join(tmp, "run")
     status, _, err = _main(_flags(root, "--save", run, "--lr-decay-style", "cosine", iters=2))
@@ -635,7 +635,7 @@ def _resumed_schedules(root, tmp):
     def lr_after(args, run):  # saves nothing: both resumes start from the same checkpoint
         lrs.append(run.optimizer.param_groups[0]["lr"])
 
-    save, checkpointing.save = checkpointing.save, lr_after
+    save, checkpointer.save = checkpointer.save, lr_after
     results = {}
     try:
         for name, extra in (("resume_lr", ()), ("resume_lr_override",
@@ -646,7 +646,7 @@ def _resumed_schedules(root, tmp):
                                             iters=4))
             results[name] = (status, _message_lines(out), "Traceback" in err, tmp, lrs[:1])
     finally:
-        checkpointing.save = save
+        checkpointer.save = save
     results["resume_train_iters"] = results["resume_lr"]
     return results
 
@@ -1040,7 +1040,7 @@ from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSys
 import toy_setup
 from megatron_tropd.initialize import initialize_distributed
 from megatron_tropd.models.builder import build_model
-from megatron_tropd.models.checkpoint import save_model
+from megatron_tropd.checkpoint.model_dir import save_model
 
 def hold(*args, **kwargs):  # a shard write that takes its time: the kill comes in the middle
     open(os.path.join(sys.argv[2], str(os.getpid())), "w").close()

@@ -57,8 +57,8 @@ def _generate(model, params, **kwargs):
 
 
 def _model(state_dict, role="student"):
+    from megatron_tropd.checkpoint.sharding import load_global_state_dict
     from megatron_tropd.models.builder import build_model
-    from megatron_tropd.models.sharding import load_global_state_dict
 
     model = build_model(ARCH, role)
     load_global_state_dict(model, state_dict)
@@ -284,11 +284,11 @@ def check_offline_teacher_responses_tool(ctx):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_tropd.checkpoint.model_dir import save_model
     from megatron_tropd.data import load_teacher_responses
-    from megatron_tropd.models.checkpoint import save_model
     from megatron_tropd.rollout.generate import SamplingParams
-    from megatron_tropd.rollout.teacher_responses import (
-        lookup_teacher_responses, online_teacher_responses)
+    from megatron_tropd.rollout.teacher_responses import (lookup_teacher_responses,
+                                                          online_teacher_responses)
 
     spec = importlib.util.spec_from_file_location(
         "generate_teacher_responses",
@@ -393,8 +393,8 @@ def _assert_signals_match(teacher, batch, reference):
 
 
 def _reference_run(tmp):
+    from megatron_tropd.checkpoint.sharding import global_state_dict
     from megatron_tropd.models.builder import build_model
-    from megatron_tropd.models.sharding import global_state_dict
 
     student = build_model(ARCH, "student")
     teacher = build_model(ARCH, "teacher")  # initialised after the student: other weights

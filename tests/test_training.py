@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-
 import toy_setup
+
 from megatron_tropd.testing import merge_reports, run_checks, run_distributed
 
 METHOD_RUNS = {
@@ -69,13 +69,13 @@ def _losses(run):
 
 
 def _grads(run):
-    from megatron_tropd.models import sharding
+    from megatron_tropd.checkpoint import sharding
 
     return sharding.global_state_dict(run.model, run.vocab_size, grads=True)
 
 
 def _weights(run):
-    from megatron_tropd.models import sharding
+    from megatron_tropd.checkpoint import sharding
 
     return sharding.global_state_dict(run.model, run.vocab_size)
 
@@ -156,10 +156,11 @@ def _reference_iteration(root, method, flags, batch):
     forward at TP=1, float64 log-softmax over the full vocabulary, every loss input by plain
     torch; the loss is `losses.compute_loss` (checked against the papers' formulas in
     test_losses.py) averaged over the batch's tokens, its gradient by autograd."""
-    from megatron_tropd import arguments, checkpointing, training
+    from megatron_tropd import arguments, training
+    from megatron_tropd.checkpoint import checkpointer
+    from megatron_tropd.checkpoint.sharding import global_state_dict
     from megatron_tropd.distill import losses
     from megatron_tropd.models.builder import build_model
-    from megatron_tropd.models.sharding import global_state_dict
     from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
     from megatron_tropd.tokens import TokenRecord
 
@@ -168,9 +169,9 @@ def _reference_iteration(root, method, flags, batch):
     needs = losses.needs(config)
     vocab = toy_setup.STUDENT.vocab_size
     student = build_model(toy_setup.STUDENT, "student")
-    checkpointing.load_weights(os.path.join(root, "student"), student)
+    checkpointer.load_weights(os.path.join(root, "student"), student)
     teacher = build_model(toy_setup.TEACHER, "teacher")
-    checkpointing.load_weights(os.path.join(root, "teacher"), teacher)
+    checkpointer.load_weights(os.path.join(root, "teacher"), teacher)
 
     def scored_log_probs(model, grad):
         rows = []
@@ -273,7 +274,7 @@ def _heldout_evaluations(root):
     student before training and on the final checkpoint, loaded afresh."""
     import tempfile
 
-    from megatron_tropd.checkpointing import latest_checkpoint
+    from megatron_tropd.checkpoint.checkpointer import latest_checkpoint
     from megatron_tropd.data import load_prompts
     from megatron_tropd.evaluate import evaluate, load_for_eval
 
@@ -640,11 +641,11 @@ def test_resume_at_another_layout_continues(pp2):
 
 def _export_and_logits(directory, hf_dir, tokens):
     """Export a trainer checkpoint to HF, and its logits rebuilt from its own config at TP=1."""
-    from megatron_tropd.conversion import megatron_to_hf
+    from megatron_tropd.checkpoint.conversion import megatron_to_hf
+    from megatron_tropd.checkpoint.model_dir import load_model
+    from megatron_tropd.checkpoint.parity import forward_logits
     from megatron_tropd.models.arch import ModelArch
     from megatron_tropd.models.builder import build_model
-    from megatron_tropd.models.checkpoint import load_model
-    from megatron_tropd.models.parity import forward_logits
 
     megatron_to_hf(directory, hf_dir)
     arch = ModelArch.from_file(directory)
@@ -655,7 +656,7 @@ def _export_and_logits(directory, hf_dir, tokens):
 
 def test_trainer_checkpoint_exports_to_hf(tp2, resume_dir, tmp_path):
     """The student saved by the trainer (TP=2) converts to HF; transformers gives its logits."""
-    from megatron_tropd.models.parity import hf_logits, logit_parity
+    from megatron_tropd.checkpoint.parity import hf_logits, logit_parity
 
     checkpoint = os.path.join(resume_dir, "full", "iter_0000006")
     hf_dir = str(tmp_path / "hf")

@@ -47,8 +47,8 @@ def make_checkpoints(root: str, teacher_logit_scale: float = TEACHER_LOGIT_SCALE
     """Runs in a spawned TP=1 process: random student and teacher saved as model checkpoints."""
     import torch
 
+    from megatron_tropd.checkpoint.model_dir import save_model
     from megatron_tropd.models.builder import build_model
-    from megatron_tropd.models.checkpoint import save_model
 
     torch.manual_seed(0)
     student = build_model(STUDENT, "student")

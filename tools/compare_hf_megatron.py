@@ -56,14 +56,14 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from megatron_tropd.conversion import DTYPES
+    from megatron_tropd.checkpoint.conversion import DTYPES
+    from megatron_tropd.checkpoint.model_dir import load_model, params_dtype, read_metadata
+    from megatron_tropd.checkpoint.parity import (ParityError, arch_difference, format_parity,
+                                                  forward_logits, hf_logits, logit_parity,
+                                                  threshold_error)
     from megatron_tropd.initialize import first_error, initialize_distributed
     from megatron_tropd.models.arch import ModelArch
     from megatron_tropd.models.builder import build_model, check_parallel_layout
-    from megatron_tropd.models.checkpoint import load_model, params_dtype, read_metadata
-    from megatron_tropd.models.parity import (ParityError, arch_difference, forward_logits,
-                                              format_parity, hf_logits, logit_parity,
-                                              threshold_error)
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     meta = read_metadata(args.megatron_dir)

@@ -67,9 +67,9 @@ def main(argv=None):
 
     console.configure(args.verbose)
     # Input checks first: they need neither a process group nor megatron-core.
-    from megatron_tropd import conversion
+    from megatron_tropd.checkpoint import conversion
+    from megatron_tropd.checkpoint.model_dir import check_output_dir, read_metadata
     from megatron_tropd.initialize import initialize_distributed, print_rank_0
-    from megatron_tropd.models.checkpoint import check_output_dir, read_metadata
 
     check_output_dir(args.output_dir, args.overwrite)
     if args.command == "hf-to-megatron":

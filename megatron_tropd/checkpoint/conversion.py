@@ -1,5 +1,5 @@
 """Checkpoint conversion between HF model directories and Megatron checkpoint directories
-(`models/checkpoint.py`), streaming one tensor at a time.
+(`model_dir.py`), streaming one tensor at a time.
 
 HF -> Megatron runs on the TP x PP ranks of the target layout: each rank builds only its own
 stage, reads from the safetensors files just the tensors that stage holds, and the
@@ -18,16 +18,16 @@ from collections.abc import Mapping
 
 import torch
 
+from megatron_tropd.checkpoint import CheckpointError
+from megatron_tropd.checkpoint.hf_files import HFWeights, SafetensorsWriter, copy_companion_files
+from megatron_tropd.checkpoint.hf_mapping import hf_shapes, tensor_mappings
+from megatron_tropd.checkpoint.model_dir import (atomic_directory, check_output_dir, load_model,
+                                                 params_dtype, read_metadata, save_model,
+                                                 write_json)
+from megatron_tropd.checkpoint.sharding import load_global_state_dict, unshard
 from megatron_tropd.errors import UserError
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.builder import build_model, check_parallel_layout
-from megatron_tropd.models.checkpoint import (atomic_directory, check_output_dir, load_model,
-                                              params_dtype, read_metadata, save_model,
-                                              write_json)
-from megatron_tropd.models.hf_checkpoint import (CheckpointError, HFWeights, SafetensorsWriter,
-                                                 copy_companion_files)
-from megatron_tropd.models.hf_mapping import hf_shapes, tensor_mappings
-from megatron_tropd.models.sharding import load_global_state_dict, unshard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

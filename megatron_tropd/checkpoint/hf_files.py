@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megatron_tropd.errors import UserError
+from megatron_tropd.checkpoint import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -28,10 +28,6 @@ COMPANION_FILES = (
 )
 # Buffers some older checkpoints saved that carry no weights (recomputed from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or written as asked: one-line message."""
 
 
 class HFWeights:

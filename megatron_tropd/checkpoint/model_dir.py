@@ -2,7 +2,7 @@
 exporter reads.
 
     <dir>/config.json           HF config: `ModelArch.from_file(<dir>)` rebuilds the model
-    <dir>/tokenizer files       as the HF model had them (`hf_checkpoint.COMPANION_FILES`)
+    <dir>/tokenizer files       as the HF model had them (`hf_files.COMPANION_FILES`)
     <dir>/megatron_tropd.json   format version, iteration, the TP/PP and dtype it was saved at
     <dir>/model/                megatron-core `dist_checkpointing` of `model.sharded_state_dict()`
 
@@ -22,10 +22,11 @@ import shutil
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_tropd.checkpoint import CheckpointError
+from megatron_tropd.checkpoint.hf_files import copy_companion_files
+from megatron_tropd.checkpoint.writers import bind_writer_processes
 from megatron_tropd.initialize import barrier, first_error, rank
 from megatron_tropd.models.arch import ModelArch
-from megatron_tropd.models.hf_checkpoint import CheckpointError, copy_companion_files
-from megatron_tropd.writers import bind_writer_processes
 
 FORMAT_VERSION = 1
 METADATA_FILE = "megatron_tropd.json"

@@ -1,6 +1,6 @@
 """Trainer checkpoints and exact resume.
 
-    <save>/iter_0000200/           a model checkpoint directory (models/checkpoint.py: config.json,
+    <save>/iter_0000200/           a model checkpoint directory (model_dir.py: config.json,
                                    tokenizer files, megatron_tropd.json, model/) plus
               optimizer/           megatron-core dist_checkpointing of the optimiser state
               rng/rank_00003.pt    each rank's python / numpy / torch RNG states
@@ -27,10 +27,9 @@ import socket
 import numpy as np
 import torch
 
-from megatron_tropd import faults, resume_flags
+from megatron_tropd import faults
+from megatron_tropd.checkpoint import CheckpointError, model_dir, resume_flags
 from megatron_tropd.initialize import barrier, first_error, print_rank_0, rank, world_size
-from megatron_tropd.models import checkpoint as model_checkpoint
-from megatron_tropd.models.hf_checkpoint import CheckpointError
 from megatron_tropd.records import DataError
 
 LATEST = "latest"
@@ -51,7 +50,7 @@ def due(args, iteration: int) -> bool:
 
 def load_weights(directory: str, model) -> dict:
     """Model weights from a converted or trainer checkpoint directory (any TP/PP it was saved at)."""
-    return model_checkpoint.load_model(directory, model)
+    return model_dir.load_model(directory, model)
 
 
 # The distributed optimizer's state in the format that reshards over TP, PP and DP. megatron-core's
@@ -127,8 +126,8 @@ def save(args, run):
     state = {"scheduler": run.scheduler.state_dict(), "sampler": run.sampler.state_dict(),
              "flags": resume_flags.recorded_flags(args)}
     try:
-        with model_checkpoint.atomic_directory(target, overwrite=True) as tmp:
-            model_checkpoint.write_model(tmp, run.model, run.student_arch,
+        with model_dir.atomic_directory(target, overwrite=True) as tmp:
+            model_dir.write_model(tmp, run.model, run.student_arch,
                                          source_dir=run.student_source, iteration=run.iteration,
                                          metadata={"trainer": state, "world_size": world_size()})
             faults.point("save", run.iteration)
@@ -141,7 +140,7 @@ def save(args, run):
                 run.model.sharded_state_dict(), metadata=_OPTIMIZER_FORMAT), optimizer_dir)
             torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{rank():05d}.pt"))
         faults.point("commit", run.iteration)
-        model_checkpoint.on_rank_0(lambda: _write_latest(args.save, run.iteration),
+        model_dir.on_rank_0(lambda: _write_latest(args.save, run.iteration),
                                    os.path.join(args.save, LATEST))
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_intact(args.save)}") from None
@@ -167,7 +166,7 @@ def resume(args, run):
                                   f"resume from")
         return
     directory = latest_checkpoint(root)
-    meta = model_checkpoint.load_model(directory, run.model)
+    meta = model_dir.load_model(directory, run.model)
     if "trainer" not in meta:
         raise CheckpointError(f"{directory} is a model checkpoint without trainer state")
     trainer = meta["trainer"]
@@ -179,7 +178,7 @@ def resume(args, run):
         resume_flags.set_param_group_lrs(run.optimizer, trainer["scheduler"])
         sharded = run.optimizer.sharded_state_dict(run.model.sharded_state_dict(), is_loading=True,
                                                    metadata=_OPTIMIZER_FORMAT)
-        run.optimizer.load_state_dict(model_checkpoint.read_dist_checkpoint(
+        run.optimizer.load_state_dict(model_dir.read_dist_checkpoint(
             sharded, os.path.join(directory, OPTIMIZER_DIR)))
         resume_flags.set_param_group_lrs(run.optimizer, schedule)
         run.scheduler.load_state_dict(schedule)
@@ -195,7 +194,7 @@ def resume(args, run):
         try:
             _set_rng_state(torch.load(rng_file, weights_only=False))
         except Exception as e:  # noqa: BLE001 - torch.load raises many types for a corrupt file
-            error = f"cannot read {rng_file} ({model_checkpoint.describe_error(e)})"
+            error = f"cannot read {rng_file} ({model_dir.describe_error(e)})"
     failure = first_error(error)  # a rank's own file: the others must stop too
     if failure is not None:
         raise CheckpointError(failure)
