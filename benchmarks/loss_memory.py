@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from megatron_tropd.testing import run_distributed  # noqa: E402
+from megatron_tropd.runtime.testing import run_distributed  # noqa: E402
 
 MiB = 2**20
 

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_profile import matmul_peak  # noqa: E402
 from vs_trl import LARGE, LARGE_VOCAB, TOY  # noqa: E402
 
-from megatron_tropd.rollout.kv_cache import DecodeLinear  # noqa: E402
+from megatron_tropd.runtime.cpu_speedups import DecodeLinear  # noqa: E402
 
 ROWS, PROMPT, RESPONSE = 8, 16, 32  # per rank
 

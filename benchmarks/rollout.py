@@ -107,10 +107,10 @@ def main():
     args = parser.parse_args()
 
     os.environ.setdefault("MASTER_PORT", "29731")
-    from megatron_tropd import initialize
     from megatron_tropd.checkpoint.sharding import global_state_dict
     from megatron_tropd.models.builder import build_model
     from megatron_tropd.rollout.generate import SamplingParams, generate
+    from megatron_tropd.runtime import initialize
 
     initialize.initialize_distributed(1, 1, seed=1234)
     if args.threads:

@@ -142,7 +142,7 @@ def _plan(opt, argv):
 
 
 def _memory_run(opt, root, prompts, row, budget, slots):
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.runtime.testing import run_distributed
 
     argv = _memory_flags(root, prompts, row, budget, slots)
     ranks = run_distributed(_memory_worker, world_size=2, tp=2, args=(argv,), timeout=3600)
@@ -231,7 +231,7 @@ def main():
     opt = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc in the spawned workers
 
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.runtime.testing import run_distributed
 
     student, teacher = _archs(opt)
     print(f"student {student.hidden_size} wide x {student.num_layers} layers, teacher "

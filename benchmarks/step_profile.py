@@ -214,7 +214,7 @@ def main():
     opt = parser.parse_args()
     opt.nproc = opt.nproc or (2 if opt.device == "cpu" else 1)
 
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.runtime.testing import run_distributed
 
     with tempfile.TemporaryDirectory() as root:
         pair_dirs, vocab = vs_trl.pair(opt.pair, root)

@@ -144,7 +144,7 @@ def write_prompts(root, opt, vocab_size, seed=0):
 
 def megatron_checkpoints(pair_dirs, root):
     """Our checkpoints of the HF pair (converted at TP=1; they load at any TP)."""
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.runtime.testing import run_distributed
 
     ckpt = {}
     for role, hf_dir in pair_dirs.items():
@@ -170,7 +170,7 @@ def _ours_worker(argv):
 
 
 def ours(argv, nproc, tp):
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.runtime.testing import run_distributed
 
     per_rank = run_distributed(_ours_worker, world_size=nproc, tp=tp, args=(argv,))
     return next(times for times in reversed(per_rank) if times)  # the logging (last) rank's

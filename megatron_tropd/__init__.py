@@ -1,6 +1,6 @@
 """megatron-tropd: Trust Region On-Policy Distillation on megatron-core."""
 
-from megatron_tropd import console
+from megatron_tropd.runtime import console
 
 __version__ = "0.1.0"
 

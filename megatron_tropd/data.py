@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 
-from megatron_tropd.initialize import print_rank_0
-from megatron_tropd.records import DataError, json_type, read_rows
+from megatron_tropd.records import DataError
 from megatron_tropd.records import column as _column
+from megatron_tropd.records import json_type, read_rows
+from megatron_tropd.runtime.initialize import print_rank_0
 from megatron_tropd.tokenizer import (Tokenizer, TokenizerError, check_template, plain_chat_text,
                                       prompt_ids)
 

@@ -27,8 +27,9 @@ import time
 from math import comb
 from typing import Optional
 
-from megatron_tropd import cli, errors
+from megatron_tropd import errors
 from megatron_tropd.errors import UserError
+from megatron_tropd.runtime import cli
 from megatron_tropd.tasks.verifier import CORRECT, MALFORMED, WRONG, verify
 
 
@@ -236,14 +237,14 @@ def _parse_args(argv=None):
     parser.add_argument("--output", help="JSON file to write the results to ({label: result})")
     parser.add_argument("--verbose", action="store_true",
                         help="show every library warning; by default the known-harmless ones are "
-                             "filtered (megatron_tropd/console.py; also TROPD_VERBOSE=1)")
+                             "filtered (megatron_tropd/runtime/console.py; also TROPD_VERBOSE=1)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     """Console entry point: exit status 2 with a one-line `error: ...` for bad input
     (`errors.run_main`)."""
-    from megatron_tropd import console
+    from megatron_tropd.runtime import console
 
     args = _parse_args(argv)
     console.configure(args.verbose)
@@ -286,7 +287,7 @@ def run(args) -> list:
     from megatron.core import parallel_state as ps
 
     from megatron_tropd.data import DataError, columns_from_args, load_prompts
-    from megatron_tropd.initialize import initialize_distributed, print_rank_0, rank
+    from megatron_tropd.runtime.initialize import initialize_distributed, print_rank_0, rank
     from megatron_tropd.tasks.splits import write_jsonl
     from megatron_tropd.tasks.verifiers import get_verifier
     from megatron_tropd.tokenizer import load_chat_template
@@ -328,7 +329,7 @@ def run(args) -> list:
 
 def _report(args, rows):
     """The table on stdout and the JSON file (rank 0)."""
-    from megatron_tropd.initialize import rank
+    from megatron_tropd.runtime.initialize import rank
 
     if rank() != 0:
         return

@@ -11,6 +11,7 @@ from megatron_tropd import arguments
 from megatron_tropd.distill import losses
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.builder import build_model, check_student_teacher
+from megatron_tropd.runtime import cpu_speedups
 
 
 @dataclasses.dataclass
@@ -120,7 +121,7 @@ def _tokenizer(args, student_arch: ModelArch):
 
 def _data(args, tokenizer):
     from megatron_tropd import data
-    from megatron_tropd.initialize import print_rank_0
+    from megatron_tropd.runtime.initialize import print_rank_0
 
     columns = data.columns_from_args(args)
     if args.mode == "sft":
@@ -142,7 +143,7 @@ def _data(args, tokenizer):
 def _verifier(args, examples):
     """--verifier's function; a warning when no training prompt carries an answer (no pass rate
     of the rollouts is logged then)."""
-    from megatron_tropd.initialize import print_rank_0
+    from megatron_tropd.runtime.initialize import print_rank_0
     from megatron_tropd.tasks.verifiers import get_verifier
 
     if args.mode == "distill" and all(e.answer is None for e in examples):
@@ -187,7 +188,7 @@ def _optimizer(args, model):
         ),
         [ddp],
     )
-    _fused_cpu_adam(optimizer)
+    cpu_speedups.fuse_cpu_adam(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
         min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * args.epochs_per_rollout,
@@ -196,19 +197,6 @@ def _optimizer(args, model):
         wd_incr_steps=args.train_iters * args.epochs_per_rollout, wd_incr_style="constant",
     )
     return ddp, optimizer, scheduler
-
-
-def _fused_cpu_adam(optimizer):
-    """Without apex or TransformerEngine megatron-core steps with torch's Adam(W), which for CPU
-    tensors picks neither its foreach nor its fused implementation but a Python loop of about ten
-    elementwise ops per parameter tensor; its fused CPU kernel makes one pass per tensor (the
-    speed-up: docs/PERFORMANCE.md, "Step profile"). GPU runs keep megatron's choice."""
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = chained.optimizer
-        params = [p for group in inner.param_groups for p in group["params"]]
-        if isinstance(inner, torch.optim.Adam) and all(p.device.type == "cpu" for p in params):
-            for group in inner.param_groups:
-                group.update(fused=True, foreach=False)
 
 
 def _teacher_responses(args, run):

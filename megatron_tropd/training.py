@@ -28,22 +28,23 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_tropd import arguments, errors, faults, run_setup
+from megatron_tropd import arguments, errors, run_setup
 from megatron_tropd.checkpoint import checkpointer
 from megatron_tropd.distill import losses
 from megatron_tropd.distill.inputs import with_student_inputs
 from megatron_tropd.distill.scoring import recompute_old_logprobs
 from megatron_tropd.distill.teacher import score as teacher_score
 from megatron_tropd.distill.token_selection import counts_selected, select_tokens
-from megatron_tropd.initialize import (all_reduce_max, comm_device, initialize_distributed,
-                                       print_rank_0)
 from megatron_tropd.models.forward import scored_logits
 from megatron_tropd.monitor import MetricsLogger
 from megatron_tropd.ops import vocab_parallel as vp
 from megatron_tropd.ops.keys import sampling_keys, uniform_from_keys
 from megatron_tropd.rollout import prefix as prefix_schedule
 from megatron_tropd.rollout.generate import SamplingParams, generate
-from megatron_tropd.stopping import StopConditions
+from megatron_tropd.runtime import faults
+from megatron_tropd.runtime.initialize import (all_reduce_max, comm_device, initialize_distributed,
+                                               print_rank_0)
+from megatron_tropd.runtime.stopping import StopConditions
 from megatron_tropd.tasks.verifier import CORRECT
 from megatron_tropd.tokens import TokenBatch, TokenRecord, plan_micro_batches
 
@@ -60,7 +61,7 @@ def main(argv=None):
     --exit-duration-in-mins or --exit-interval (a checkpoint saved; the same command resumes);
     2 with a one-line `error: ...` (`errors.run_main`) for bad input of any kind and for a run
     that cannot go on (a checkpoint that cannot be written, too many non-finite steps in a row)."""
-    from megatron_tropd import console
+    from megatron_tropd.runtime import console
 
     args = arguments.parse_args(argv)
     console.configure(args.verbose)

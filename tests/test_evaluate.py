@@ -6,7 +6,7 @@ import os
 import pytest
 
 from megatron_tropd.evaluate import pass_at_k
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.runtime.testing import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT = os.path.join(ROOT, "examples", "toy", "student")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from megatron_tropd.distill.losses import DistillConfig, compute_loss, trust_mask
+from megatron_tropd.runtime.testing import merge_reports, run_distributed
 from megatron_tropd.tokens import TokenRecord
-from megatron_tropd.testing import merge_reports, run_distributed
 
 VOCAB, PADDED, T, K = 300, 512, 24, 20
 

@@ -8,7 +8,7 @@ import torch
 
 from megatron_tropd.models.arch import ArchitectureError, ModelArch
 from megatron_tropd.models.builder import check_parallel_layout, check_student_teacher
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.runtime.testing import run_distributed
 
 VOCAB = 500  # padded to 512 at TP=1, 2 and 4, so padded shapes agree across layouts
 BATCH, SEQ = 2, 12

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
 import toy_setup
-from megatron_tropd.cli import free_port
+
+from megatron_tropd.runtime.cli import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 3

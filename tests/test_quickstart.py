@@ -1,14 +1,14 @@
 """The quickstart pipeline end to end on a reduced setting (2 TrOPD iterations, 8 held-out problems):
 task data, HF -> Megatron at TP=2, evaluation, TrOPD on two processes with TensorBoard logs and a
 checkpoint, evaluation, export to HF, and the summary line; its stderr holds none of the warnings
-megatron_tropd.console filters, which TROPD_VERBOSE=1 and --verbose show."""
+megatron_tropd.runtime.console filters, which TROPD_VERBOSE=1 and --verbose show."""
 
 import os
 import re
 import subprocess
 import sys
 
-from megatron_tropd import console
+from megatron_tropd.runtime import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILTERED = [re.compile(row.message, re.I) for row in console.FILTERED]

@@ -29,8 +29,8 @@ import pytest
 import torch
 import toy_setup
 
-from megatron_tropd.cli import free_port
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.runtime.cli import free_port
+from megatron_tropd.runtime.testing import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "RELIABILITY.md")
@@ -741,7 +741,7 @@ def _flat_state(state, prefix=""):
 def test_stop_conditions_in_process():
     """A signal sets the flag (the previous handler comes back afterwards); the time limit and the
     exit interval are reasons too. No process group: each rank's own answer."""
-    from megatron_tropd.stopping import StopConditions
+    from megatron_tropd.runtime.stopping import StopConditions
 
     class Args:
         exit_interval, exit_duration_in_mins = 3, 0.0
@@ -1038,7 +1038,7 @@ _SLOW_SAVE = """
 import os, sys, time
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 import toy_setup
-from megatron_tropd.initialize import initialize_distributed
+from megatron_tropd.runtime.initialize import initialize_distributed
 from megatron_tropd.models.builder import build_model
 from megatron_tropd.checkpoint.model_dir import save_model
 

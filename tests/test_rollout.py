@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_tropd.models.arch import ModelArch
-from megatron_tropd.testing import merge_reports, run_checks, run_distributed
+from megatron_tropd.runtime.testing import merge_reports, run_checks, run_distributed
 
 VOCAB = 250  # padded to 256 (TP=1, 2) and 512 (TP=4: ranks 2 and 3 hold only padding)
 ARCH = ModelArch(family="llama", vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=128,
@@ -513,7 +513,7 @@ def test_prefix_schedule():
 def test_decode_linear(shape, dtype):
     """The decode products (float32 weights MKL-packed for 8 rows where torch has MKL; every other
     row count, dtype and device through the plain weight) equal `F.linear` on the same weight."""
-    from megatron_tropd.rollout.kv_cache import DecodeLinear
+    from megatron_tropd.runtime.cpu_speedups import DecodeLinear
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(200, 96, generator=g).to(dtype)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from megatron_tropd.cli import free_port
+from megatron_tropd.runtime.cli import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def test_cpu_layer_is_inert_when_cuda_is_available():
         "import torch\n"
         "torch.cuda.is_available = lambda: True\n"
         "before = torch.cuda.current_device\n"
-        "from megatron_tropd import cpu_compat\n"
+        "from megatron_tropd.runtime import cpu_compat\n"
         "assert cpu_compat.enable() is False and not cpu_compat.is_enabled()\n"
         "assert torch.cuda.current_device is before\n"
         "assert torch.overrides._get_current_function_mode_stack() == []\n"
@@ -35,7 +35,7 @@ def test_cpu_layer_is_inert_when_cuda_is_available():
 def test_cpu_layer_maps_cuda_to_cpu():
     out = _run(
         "import torch\n"
-        "from megatron_tropd import cpu_compat\n"
+        "from megatron_tropd.runtime import cpu_compat\n"
         "assert cpu_compat.enable() is True\n"
         "x = torch.ones(3, device='cuda')\n"
         "y = torch.zeros(2, device=torch.cuda.current_device()).cuda().to('cuda:0')\n"

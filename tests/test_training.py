@@ -10,7 +10,7 @@ import pytest
 import torch
 import toy_setup
 
-from megatron_tropd.testing import merge_reports, run_checks, run_distributed
+from megatron_tropd.runtime.testing import merge_reports, run_checks, run_distributed
 
 METHOD_RUNS = {
     "opd": ("opd",),
@@ -360,7 +360,7 @@ def _online_teacher_responses(root, first, last, offset):
     import json
 
     from megatron_tropd import run_setup
-    from megatron_tropd.initialize import set_seed
+    from megatron_tropd.runtime.initialize import set_seed
 
     config = os.path.join(root, "random_teacher.json")
     if not os.path.exists(config):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from megatron_tropd.testing import merge_reports, run_checks, run_distributed
+from megatron_tropd.runtime.testing import merge_reports, run_checks, run_distributed
 
 VOCAB = 300      # real vocabulary; padded to 384 (TP=1), 512 (TP=2, TP=4)
 SHAPE = (3, 5)   # [batch, seq] rows of logits

@@ -61,7 +61,7 @@ def make_checkpoints(root: str, teacher_logit_scale: float = TEACHER_LOGIT_SCALE
 
 def make_toy(root: str) -> str:
     """The whole toy problem in `root` (checkpoints made in a spawned process); returns `root`."""
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.runtime.testing import run_distributed
 
     make_text_files(root)
     run_distributed(make_checkpoints, world_size=1, args=(root,))

@@ -22,7 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli, errors  # noqa: E402
+from megatron_tropd import errors  # noqa: E402
+from megatron_tropd.runtime import cli
 
 # (max |logit difference|, KL) a correct conversion stays under, by the dtype the models run in
 # (measured figures in docs/CONVERSION.md).
@@ -61,9 +62,9 @@ def main(argv=None):
     from megatron_tropd.checkpoint.parity import (ParityError, arch_difference, format_parity,
                                                   forward_logits, hf_logits, logit_parity,
                                                   threshold_error)
-    from megatron_tropd.initialize import first_error, initialize_distributed
     from megatron_tropd.models.arch import ModelArch
     from megatron_tropd.models.builder import build_model, check_parallel_layout
+    from megatron_tropd.runtime.initialize import first_error, initialize_distributed
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     meta = read_metadata(args.megatron_dir)

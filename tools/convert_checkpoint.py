@@ -20,7 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli, errors  # noqa: E402
+from megatron_tropd import errors  # noqa: E402
+from megatron_tropd.runtime import cli
 
 
 def _parse_args(argv=None):
@@ -57,19 +58,19 @@ def _parse_args(argv=None):
     for command in (to_mcore, to_hf):
         command.add_argument("--verbose", action="store_true",
                              help="show every library warning; by default the known-harmless ones "
-                                  "are filtered (megatron_tropd/console.py; also TROPD_VERBOSE=1)")
+                                  "are filtered (megatron_tropd/runtime/console.py; also TROPD_VERBOSE=1)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = _parse_args(argv)
-    from megatron_tropd import console
+    from megatron_tropd.runtime import console
 
     console.configure(args.verbose)
     # Input checks first: they need neither a process group nor megatron-core.
     from megatron_tropd.checkpoint import conversion
     from megatron_tropd.checkpoint.model_dir import check_output_dir, read_metadata
-    from megatron_tropd.initialize import initialize_distributed, print_rank_0
+    from megatron_tropd.runtime.initialize import initialize_distributed, print_rank_0
 
     check_output_dir(args.output_dir, args.overwrite)
     if args.command == "hf-to-megatron":

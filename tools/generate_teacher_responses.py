@@ -25,8 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli, errors  # noqa: E402
+from megatron_tropd import errors  # noqa: E402
 from megatron_tropd.records import DataError, read_rows  # noqa: E402
+from megatron_tropd.runtime import cli
 
 
 def parse_args(argv=None):
@@ -79,9 +80,9 @@ def main(argv=None):
     from megatron.core import parallel_state as ps
 
     from megatron_tropd.evaluate import load_inference_model
-    from megatron_tropd.initialize import initialize_distributed, print_rank_0
     from megatron_tropd.rollout.generate import SamplingParams, generate
     from megatron_tropd.rollout.teacher_responses import write_teacher_responses
+    from megatron_tropd.runtime.initialize import initialize_distributed, print_rank_0
     from megatron_tropd.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or args.load)

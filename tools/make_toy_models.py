@@ -34,9 +34,10 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli, errors  # noqa: E402
+from megatron_tropd import errors  # noqa: E402
 from megatron_tropd.checkpoint.checkpointer import latest_checkpoint  # noqa: E402
 from megatron_tropd.models.arch import ModelArch  # noqa: E402
+from megatron_tropd.runtime import cli
 from megatron_tropd.tasks import formats  # noqa: E402
 from megatron_tropd.tasks.addition import ALPHABET  # noqa: E402
 from megatron_tropd.tasks.splits import write_task_files  # noqa: E402

@@ -20,7 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import arguments, cli, errors, memory_plan  # noqa: E402
+from megatron_tropd import arguments, errors, memory_plan  # noqa: E402
+from megatron_tropd.runtime import cli
 
 
 def main(argv=None):

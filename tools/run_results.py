@@ -38,7 +38,8 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli, errors  # noqa: E402
+from megatron_tropd import errors  # noqa: E402
+from megatron_tropd.runtime import cli
 from megatron_tropd.tasks import formats, splits  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

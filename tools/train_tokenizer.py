@@ -16,8 +16,9 @@ import tempfile
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from megatron_tropd import cli, errors  # noqa: E402
+from megatron_tropd import errors  # noqa: E402
 from megatron_tropd.errors import UserError  # noqa: E402
+from megatron_tropd.runtime import cli
 from megatron_tropd.tasks import formats  # noqa: E402
 from megatron_tropd.tasks.addition import ALPHABET  # noqa: E402
 from megatron_tropd.tasks.splits import heldout_problems, train_problems  # noqa: E402

@@ -27,10 +27,10 @@ import socket
 import numpy as np
 import torch
 
-from megatron_tropd import faults
 from megatron_tropd.checkpoint import CheckpointError, model_dir, resume_flags
-from megatron_tropd.initialize import barrier, first_error, print_rank_0, rank, world_size
 from megatron_tropd.records import DataError
+from megatron_tropd.runtime import faults
+from megatron_tropd.runtime.initialize import barrier, first_error, print_rank_0, rank, world_size
 
 LATEST = "latest"
 OPTIMIZER_DIR = "optimizer"

@@ -25,8 +25,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_tropd.checkpoint import CheckpointError
 from megatron_tropd.checkpoint.hf_files import copy_companion_files
 from megatron_tropd.checkpoint.writers import bind_writer_processes
-from megatron_tropd.initialize import barrier, first_error, rank
 from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.runtime.initialize import barrier, first_error, rank
 
 FORMAT_VERSION = 1
 METADATA_FILE = "megatron_tropd.json"

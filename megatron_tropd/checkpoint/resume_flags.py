@@ -11,7 +11,7 @@ Every recorded flag whose value differs is named in one `warning:` line on rank 
 the run goes on with.
 """
 
-from megatron_tropd.initialize import print_rank_0
+from megatron_tropd.runtime.initialize import print_rank_0
 
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weight_decay")
 RUN_FLAGS = ("method", "samples_per_prompt", "prompts_per_iteration", "prefix_source",

@@ -241,7 +241,7 @@ def _without_cuda_to_cpu_mode():
     called), so the mode has nothing to do
     there; a megatron-core change that did allocate would fail loudly ("Torch not compiled with
     CUDA"), not silently. megatron's full forward (no KV cache) keeps the mode."""
-    from megatron_tropd import cpu_compat
+    from megatron_tropd.runtime import cpu_compat
 
     return torch._C.DisableTorchFunction() if cpu_compat.is_enabled() else contextlib.nullcontext()
 

@@ -24,8 +24,8 @@ attention runs through `scaled_dot_product_attention` with grouped heads (`enabl
 a CPU is the flash kernel in both cases (no `[T, T]` scores). Tensor parallelism is megatron's:
 QKV and fc1 are column-parallel (the local heads / the local slice of the hidden MLP, no
 communication), the output projection and fc2 row-parallel (their partial products all-reduced
-over the tensor-parallel group). The products run through `DecodeLinear`: on a CPU with MKL from
-weights packed for the decode step's row count when the cache is made.
+over the tensor-parallel group). The products run through `DecodeLinear` (`runtime.cpu_speedups`:
+on a CPU with MKL, from weights packed for the decode step's row count when the cache is made).
 
 Training never goes through this module; the tests check generation with it against megatron's
 own forward. `check_supported` rejects configurations this composition does not cover.
@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_tropd.errors import UserError
+from megatron_tropd.runtime.cpu_speedups import DecodeLinear
 
 
 def check_supported(model):
@@ -65,36 +66,6 @@ def check_supported(model):
     for feature, present in unsupported.items():
         if present:
             raise UserError(f"generation does not support models with {feature}")
-
-
-_HAS_MKL_PACKED_GEMM = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl,
-                                                                       "_mkl_reorder_linear_weight")
-
-
-class DecodeLinear:
-    """A linear layer's `[out, in]` weight as the products of a `generate` call use it:
-    `x [..., in]` -> `x W^T [..., out]`.
-
-    On a CPU with MKL a float32 weight is packed once per call for products of `rows` rows (MKL's
-    packed GEMM, the format torch's own CPU compiler uses for linear layers): a decode step's
-    product of a few rows with a weight read from memory is faster that way than with the plain
-    `[out, in]` weight or a row-major copy, and packing costs less than a transposed copy
-    (docs/PERFORMANCE.md, "Decode products through MKL's packed GEMM"). Products of another row
-    count (the prefill) use the plain weight, as do other dtypes and every device without MKL. The
-    weights change between calls, not during one.
-    """
-
-    def __init__(self, weight, rows: int):
-        self.weight = weight.detach()
-        self.rows = rows
-        packs = (_HAS_MKL_PACKED_GEMM and self.weight.device.type == "cpu"
-                 and self.weight.dtype == torch.float32)
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows) if packs else None
-
-    def __call__(self, x):
-        if self.packed is None:
-            return F.linear(x, self.weight)
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
 
 
 class KVCache:

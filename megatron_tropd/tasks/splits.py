@@ -11,8 +11,9 @@ import json
 import os
 import random
 
-from megatron_tropd import cli, errors
+from megatron_tropd import errors
 from megatron_tropd.errors import UserError
+from megatron_tropd.runtime import cli
 from megatron_tropd.tasks.addition import Problem, check_digit_range, random_problem
 
 # Offsets that keep the two splits' random streams apart for any one seed.

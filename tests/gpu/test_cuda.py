@@ -26,7 +26,7 @@ sys.path.insert(0, TESTS)
 import test_rollout  # noqa: E402
 import toy_setup  # noqa: E402
 
-from megatron_tropd.testing import run_distributed  # noqa: E402
+from megatron_tropd.runtime.testing import run_distributed  # noqa: E402
 
 TOY = os.path.join(ROOT, "examples", "toy")
 

@@ -61,7 +61,7 @@ FILTERED = (
         r"megatron\.core\.dist_checkpointing\.strategies\.torch\Z",
         "megatron-core 0.16 loads checkpoints through torch's older DCP entry point; not ours"),
     Row(FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor",
-        r"(megatron_tropd\.cpu_compat|torch\.distributed\.checkpoint\.)",
+        r"(megatron_tropd\.runtime\.cpu_compat|torch\.distributed\.checkpoint\.)",
         "megatron-core's dist_checkpointing is built on it (the warning lands on cpu_compat's "
         "torch-function mode on CPU, on torch's DCP planner on GPU)"),
     Row(UserWarning, r"torch\.distributed is (disabled, )?unavailable or uninitialized, "

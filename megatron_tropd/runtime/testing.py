@@ -16,7 +16,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from megatron_tropd.cli import free_port
+from megatron_tropd.runtime.cli import free_port
 
 
 class DistributedTestError(AssertionError):
@@ -30,7 +30,7 @@ def _worker(rank, world_size, port, tp, pp, seed, fn, args, result_dir):
     )
     # Two cores: one thread per process keeps N processes from oversubscribing them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    from megatron_tropd import initialize
+    from megatron_tropd.runtime import initialize
 
     outcome = {}
     try:

@@ -30,7 +30,7 @@ def initialize_distributed(
     """
     from megatron.core import parallel_state
 
-    from megatron_tropd import cpu_compat
+    from megatron_tropd.runtime import cpu_compat
 
     use_cuda = torch.cuda.is_available()
     if not use_cuda:

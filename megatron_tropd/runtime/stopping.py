@@ -15,7 +15,7 @@ import signal
 import time
 from typing import Optional
 
-from megatron_tropd.initialize import all_reduce_max
+from megatron_tropd.runtime.initialize import all_reduce_max
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
