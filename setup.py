@@ -31,7 +31,7 @@ setup(
     ],
     entry_points={
         "console_scripts": [
-            "megatron-tropd-train = megatron_tropd.training:main",
+            "megatron-tropd-train = megatron_tropd.train:main",
         ],
     },
     extras_require={

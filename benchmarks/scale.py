@@ -8,7 +8,7 @@ configs (hidden sizes, heads, head_dim, FFN and the 151936-id vocabulary kept; `
 layers), random weights, fp32, TP=2 on two processes (gloo). Prompts are runs of digits of the
 toy tokenizer (examples/toy/student), so long prompts reach a large T without long decodes.
 
-1. Memory (`training.train`, one iteration of tropd per run, each run in fresh processes): the
+1. Memory (`train.train`, one iteration of tropd per run, each run in fresh processes): the
    per-rank peak above the resident model state (RSS high-water mark minus the RSS once weights,
    gradients and Adam states are set up; glibc's free memory returned with malloc_trim first),
    per phase (rollout, teacher scoring, update) and in all. Depth-reduced models are mostly
@@ -101,15 +101,15 @@ def _memory_flags(root, prompts: int, row: int, budget: int, slots: int):
 
 def _memory_worker(argv):
     """One iteration under the probe: the resident RSS and each phase's peak above it."""
-    from megatron_tropd import arguments, run_setup, training
+    from megatron_tropd import arguments, run_setup, train
 
     measured = {}
-    original_setup, original_phase = run_setup.setup_run, training.PhaseTimer.__call__
+    original_setup, original_phase = run_setup.setup_run, train.PhaseTimer.__call__
 
     def setup_run(args):
         run = original_setup(args)
-        run.optimizer.step()  # zero gradients: allocates Adam's states, as a first step would
-        run.optimizer.zero_grad()
+        run.student.optimizer.step()  # zero gradients: allocates Adam's states, as a first step would
+        run.student.optimizer.zero_grad()
         _settle()
         measured["resident"] = _status("VmRSS")
         return run
@@ -121,8 +121,8 @@ def _memory_worker(argv):
             yield
         measured[name] = _status("VmHWM") - measured["resident"]
 
-    run_setup.setup_run, training.PhaseTimer.__call__ = setup_run, phase
-    training.train(arguments.parse_args(argv))
+    run_setup.setup_run, train.PhaseTimer.__call__ = setup_run, phase
+    train.train(arguments.parse_args(argv))
     return measured
 
 

@@ -5,10 +5,10 @@ student update against this machine's matrix-multiply peak, measured in the same
         [--prompts 4] [--samples 4] [--new-tokens 32] [--save-interval 20] [--device cpu|cuda]
 
 The same models, prompts and work per iteration as `benchmarks/vs_trl.py` (whose setup it uses),
-run by our trainer (`training.train`) on `--nproc` processes. Phases, per iteration, mean over
+run by our trainer (`train.train`) on `--nproc` processes. Phases, per iteration, mean over
 ranks, the warm-up iteration dropped:
 
-  rollout          student generation (`training.rollouts`), its collectives excluded
+  rollout          student generation (`batches.rollouts`), its collectives excluded
   teacher          teacher scoring (`distill.teacher.score`), its collectives excluded
   student fwd/bwd  the update's forward and backward passes and losses, collectives excluded
   optimiser        the optimiser step (gradient clipping, Adam), collectives excluded
@@ -129,13 +129,13 @@ class Profiler:
     def install(self):
         import torch.distributed as dist
 
-        from megatron_tropd import run_setup, training
+        from megatron_tropd import run_setup, train
 
         for name in COLLECTIVES:
             if hasattr(dist, name):
                 setattr(dist, name, self._timer("communication", getattr(dist, name), phase=False))
         original_phase, original_setup, original_update = (
-            training.PhaseTimer.__call__, run_setup.setup_run, training.update)
+            train.PhaseTimer.__call__, run_setup.setup_run, train.update)
 
         @contextlib.contextmanager
         def phase(timer, name):
@@ -146,17 +146,18 @@ class Profiler:
 
         def setup_run(args):
             run = original_setup(args)
-            run.optimizer.step = self._timer("optimiser", run.optimizer.step)
-            run.model.config.finalize_model_grads_func = self._timer(
-                "gradient sync", run.model.config.finalize_model_grads_func)
+            student = run.student
+            student.optimizer.step = self._timer("optimiser", student.optimizer.step)
+            student.model.config.finalize_model_grads_func = self._timer(
+                "gradient sync", student.model.config.finalize_model_grads_func)
             return run
 
         def update(args, run, batch, micro_batches):
-            self._add("flops", 3.0 * sum(student_forward_flops(run.model, mb.tokens, mb.scored)
+            self._add("flops", 3.0 * sum(student_forward_flops(run.student.model, mb.tokens, mb.scored)
                                          for mb in micro_batches))
             return original_update(args, run, batch, micro_batches)
 
-        training.PhaseTimer.__call__, run_setup.setup_run, training.update = (
+        train.PhaseTimer.__call__, run_setup.setup_run, train.update = (
             phase, setup_run, update)
 
     def shares(self, save_interval):
@@ -187,7 +188,7 @@ class Profiler:
 
 
 def _worker(argv, save_interval, device_type):
-    from megatron_tropd import arguments, training
+    from megatron_tropd import arguments, train
 
     device = torch.device(device_type)
     profiler = Profiler(device)
@@ -198,7 +199,7 @@ def _worker(argv, save_interval, device_type):
     # fall in a bad moment.
     dist.barrier()
     peak = matmul_peak(device)
-    training.train(arguments.parse_args(argv))
+    train.train(arguments.parse_args(argv))
     dist.barrier()
     peak = max(peak, matmul_peak(device))
     return {"peak_gflops": peak, "iterations": profiler.shares(save_interval)}

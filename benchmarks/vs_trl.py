@@ -163,9 +163,9 @@ def _convert(hf_dir, out_dir):
 
 
 def _ours_worker(argv):
-    from megatron_tropd import arguments, training
+    from megatron_tropd import arguments, train
 
-    run = training.train(arguments.parse_args(argv))
+    run = train.train(arguments.parse_args(argv))
     return [h["iteration_s"] for h in run.history]
 
 

@@ -1,46 +1,68 @@
-"""Everything a training run holds, built from the arguments: the student (with megatron DDP,
-optimiser and LR schedule), the frozen teacher, the tokenizer, the data and its sampler. Resuming
-from a checkpoint is `checkpointer.resume`'s job; this module only builds."""
+"""A training run built from the arguments: the student (megatron DDP, optimiser), the run's state
+(LR schedule, data sampler, iteration), the batch source of its mode (the frozen teacher, the
+tokenizer, the data) and the held-out prompts; resumed from --load / --save when a checkpoint is
+there (`checkpointer.resume`)."""
 
 import dataclasses
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
 from megatron_tropd import arguments
-from megatron_tropd.distill import losses
+from megatron_tropd.batches import DistillationBatches, SftBatches
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.builder import build_model, check_student_teacher
 from megatron_tropd.runtime import cpu_speedups
 
 
 @dataclasses.dataclass
-class Run:
-    """The state of a training run (this rank's part of it)."""
+class Student:
+    """The model being trained: this rank's stage, megatron DDP around it, its optimiser."""
 
-    model: torch.nn.Module              # the student's stage (unwrapped)
-    ddp: torch.nn.Module                # megatron DDP around it
-    teacher: Optional[torch.nn.Module]  # frozen; None in SFT mode
+    model: torch.nn.Module              # the stage (unwrapped)
+    ddp: torch.nn.Module
     optimizer: object
-    scheduler: object
-    config: losses.DistillConfig
-    needs: losses.Needs
-    student_arch: ModelArch
-    student_source: Optional[str]       # checkpoint the student came from (config, tokenizer files)
-    vocab_size: int
-    pad_id: int
-    stop_ids: tuple
-    sampler: object
-    dp_rank: int
-    prompts: Optional[list] = None
-    sft_examples: Optional[list] = None
-    # (prompts, global index of the first of them) -> one teacher response per prompt
-    teacher_responses: Optional[Callable[[List[List[int]], int], List[List[int]]]] = None
-    tokenizer: object = None
-    verifier: Optional[Callable[[str, str], str]] = None  # --verifier: (response, answer) -> outcome
-    eval_examples: Optional[list] = None  # --eval-data: held-out prompts with answers
+    arch: ModelArch
+    source: Optional[str]               # checkpoint it came from (config, tokenizer files)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a resume restores besides the weights and the optimiser: where the run is."""
+
+    scheduler: object                   # megatron's OptimizerParamScheduler
+    sampler: object                     # data.PromptSampler: the data position
     iteration: int = 0
     nonfinite_steps: int = 0            # optimiser steps skipped in a row (non-finite loss/grads)
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.iteration = state["iteration"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """--eval-data: held-out prompts with answers, scored by --verifier during training."""
+
+    examples: list
+    tokenizer: object
+    verifier: Optional[Callable[[str, str], str]]
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run on this rank: built by `setup_run`, resumed, then trained by `train.train`
+    (which fills in the histories)."""
+
+    student: Student
+    state: TrainState
+    batches: object                     # batches.DistillationBatches or batches.SftBatches
+    heldout: Optional[HeldOut] = None
     history: list = dataclasses.field(default_factory=list)
     eval_history: list = dataclasses.field(default_factory=list)
 
@@ -51,13 +73,13 @@ def setup_run(args) -> Run:
     from megatron_tropd.checkpoint import checkpointer
     from megatron_tropd.data import PromptSampler
 
+    distill = args.mode == "distill"
     student_arch = _arch(args.student_load, args.student_config)
     tokenizer = _tokenizer(args, student_arch)
-    if args.mode == "distill" and args.teacher_topk > student_arch.vocab_size:
+    if distill and args.teacher_topk > student_arch.vocab_size:
         raise arguments.ArgumentError(f"--teacher-topk {args.teacher_topk} exceeds the vocabulary "
                                       f"of {student_arch.vocab_size} ids")
-    teacher = None
-    if args.mode == "distill":
+    if distill:
         teacher_arch = _arch(args.teacher_load, args.teacher_config)
         check_student_teacher(student_arch, teacher_arch)
     examples = _data(args, tokenizer)  # a bad file is reported before the models are built
@@ -66,33 +88,36 @@ def setup_run(args) -> Run:
     model = build_model(student_arch, "student", calculate_per_token_loss=True, **common)
     if args.student_load:
         checkpointer.load_weights(args.student_load, model)
-    if args.mode == "distill":
+    teacher = None
+    if distill:
         teacher = build_model(teacher_arch, "teacher", **common)
         if args.teacher_load:
             checkpointer.load_weights(args.teacher_load, teacher)
     ddp, optimizer, scheduler = _optimizer(args, model)
+    student = Student(model=model, ddp=ddp, optimizer=optimizer, arch=student_arch,
+                      source=args.student_load)
 
     dp_rank = parallel_state.get_data_parallel_rank()
     sampler = PromptSampler(len(examples), args.prompts_per_iteration, dp_rank,
                             parallel_state.get_data_parallel_world_size(), args.seed)
-    config = arguments.distill_config(args)
-    run = Run(
-        model=model, ddp=ddp, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
-        config=config, needs=losses.needs(config), student_arch=student_arch,
-        student_source=args.student_load, vocab_size=student_arch.vocab_size,
-        pad_id=tokenizer.pad_id, stop_ids=tuple(sorted({tokenizer.eos_id, *(args.stop_ids or [])})),
-        sampler=sampler, dp_rank=dp_rank, tokenizer=tokenizer,
-        prompts=examples if args.mode == "distill" else None,
-        sft_examples=examples if args.mode == "sft" else None,
-    )
-    if args.mode == "distill" and args.prefix_source != "none":
-        run.teacher_responses = _teacher_responses(args, run)
-    if args.verifier:
-        run.verifier = _verifier(args, examples)
-    if args.eval_data:
-        run.eval_examples = _eval_examples(args, tokenizer)
-    checkpointer.resume(args, run)
-    return run
+    state = TrainState(scheduler=scheduler, sampler=sampler)
+    verifier = _verifier(args, examples) if args.verifier else None
+    vocab_size = student_arch.vocab_size
+    if distill:
+        batch_source = DistillationBatches(
+            args=args, student=model, teacher=teacher, config=arguments.distill_config(args),
+            sampler=sampler, prompts=examples, vocab_size=vocab_size, pad_id=tokenizer.pad_id,
+            stop_ids=tuple(sorted({tokenizer.eos_id, *(args.stop_ids or [])})), dp_rank=dp_rank,
+            tokenizer=tokenizer, verifier=verifier)
+        if args.prefix_source != "none":
+            batch_source.teacher_responses = _teacher_responses(args, batch_source)
+    else:
+        batch_source = SftBatches(args=args, student=model, sampler=sampler, examples=examples,
+                                  vocab_size=vocab_size, pad_id=tokenizer.pad_id)
+    heldout = (HeldOut(_eval_examples(args, tokenizer), tokenizer, verifier) if args.eval_data
+               else None)
+    checkpointer.resume(args, student, state)
+    return Run(student=student, state=state, batches=batch_source, heldout=heldout)
 
 
 def _arch(load_dir, config_path) -> ModelArch:
@@ -199,7 +224,7 @@ def _optimizer(args, model):
     return ddp, optimizer, scheduler
 
 
-def _teacher_responses(args, run):
+def _teacher_responses(args, source):
     """A function from (prompts, global index of the first prompt) to one teacher response per
     prompt: looked up in the offline JSONL file, or sampled by the teacher now (online), keyed by
     (seed, global prompt index, response position) like the student's samples. The global index
@@ -212,12 +237,12 @@ def _teacher_responses(args, run):
     if args.prefix_source == "offline":
         from megatron_tropd.data import load_teacher_responses
 
-        table = load_teacher_responses(args.teacher_responses, run.vocab_size)
+        table = load_teacher_responses(args.teacher_responses, source.vocab_size)
         return lambda prompts, first_prompt: tr.lookup_teacher_responses(table, prompts)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, stop_ids=run.stop_ids,
+                            max_new_tokens=args.max_new_tokens, stop_ids=source.stop_ids,
                             seed=args.seed + 1)
     return lambda prompts, first_prompt: tr.online_teacher_responses(
-        run.teacher, prompts, params, run.vocab_size, sample_offset=first_prompt,
+        source.teacher, prompts, params, source.vocab_size, sample_offset=first_prompt,
         rollout_batch_size=args.rollout_batch_size,
         max_prefill_tokens=args.max_tokens_per_micro_batch)

@@ -18,7 +18,7 @@ FILTERED = [re.compile(row.message, re.I) for row in console.FILTERED]
 _WARNING_SCRIPT = """
 import sys
 import megatron_tropd.data, megatron_tropd.evaluate, megatron_tropd.rollout.generate
-import megatron_tropd.tokenizer, megatron_tropd.training
+import megatron_tropd.tokenizer, megatron_tropd.train
 print("--- entry points imported", file=sys.stderr, flush=True)
 import megatron.core.models.gpt.gpt_layer_specs, megatron.core.optimizer
 from megatron.core.transformer import TransformerConfig

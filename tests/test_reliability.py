@@ -5,7 +5,7 @@ resumes to the same weights and logged losses as an uninterrupted one.
 
     python tests/test_reliability.py     # prints the table for docs/RELIABILITY.md
 
-Bad inputs run through `training.main` in one spawned TP=2 job (two ranks, so the checks that
+Bad inputs run through `train.main` in one spawned TP=2 job (two ranks, so the checks that
 ranks agree are exercised); the crash and signal tests run torchrun as users do.
 """
 
@@ -276,14 +276,14 @@ def toy(tmp_path_factory):
 
 
 def _main(argv):
-    """`training.main(argv)` as a user sees it: (exit status, stdout, stderr)."""
-    from megatron_tropd import training
+    """`train.main(argv)` as a user sees it: (exit status, stdout, stderr)."""
+    from megatron_tropd import train
 
     out, err = io.StringIO(), io.StringIO()
     status = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            training.main(argv)
+            train.main(argv)
         except SystemExit as e:
             status = e.code
     return status, out.getvalue(), err.getvalue()
@@ -551,7 +551,7 @@ def _message_lines(out):
 
 def _bad_input_worker(root, scratch):
     """Every case of PREPARE (plus the read-only --save, the NaN step and the resumed
-    schedules) through `training.main`; returns per case (status, the error line or the message
+    schedules) through `train.main`; returns per case (status, the error line or the message
     lines, whether stderr held a traceback, the case's directory, the models built)."""
     from megatron_tropd import run_setup
     from megatron_tropd.checkpoint import checkpointer
@@ -607,10 +607,10 @@ def _nan_once(root, tmp):
 
     snapshots = []
 
-    def snapshot(args, run):
-        snapshots.append((sharding.global_state_dict(run.model, run.vocab_size),
-                          copy.deepcopy(run.optimizer.state_dict()),
-                          copy.deepcopy(run.scheduler.state_dict())))
+    def snapshot(args, student, state):
+        snapshots.append((sharding.global_state_dict(student.model, student.arch.vocab_size),
+                          copy.deepcopy(student.optimizer.state_dict()),
+                          copy.deepcopy(state.scheduler.state_dict())))
 
     originals = (losses.compute_loss, checkpointer.save)
     losses.compute_loss, checkpointer.save = _nan_loss({2}), snapshot
@@ -632,8 +632,8 @@ def _resumed_schedules(root, tmp):
     assert status == 0, err
     lrs = []
 
-    def lr_after(args, run):  # saves nothing: both resumes start from the same checkpoint
-        lrs.append(run.optimizer.param_groups[0]["lr"])
+    def lr_after(args, student, state):  # saves nothing: both resumes start from one checkpoint
+        lrs.append(student.optimizer.param_groups[0]["lr"])
 
     save, checkpointer.save = checkpointer.save, lr_after
     results = {}

@@ -59,9 +59,9 @@ def _args(root, *extra, iters=3, method="tropd"):
 
 
 def _train(root, *extra, iters=3, method="tropd"):
-    from megatron_tropd import training
+    from megatron_tropd import train
 
-    return training.train(_args(root, *extra, iters=iters, method=method))
+    return train.train(_args(root, *extra, iters=iters, method=method))
 
 
 def _losses(run):
@@ -71,13 +71,13 @@ def _losses(run):
 def _grads(run):
     from megatron_tropd.checkpoint import sharding
 
-    return sharding.global_state_dict(run.model, run.vocab_size, grads=True)
+    return sharding.global_state_dict(run.student.model, run.student.arch.vocab_size, grads=True)
 
 
 def _weights(run):
     from megatron_tropd.checkpoint import sharding
 
-    return sharding.global_state_dict(run.model, run.vocab_size)
+    return sharding.global_state_dict(run.student.model, run.student.arch.vocab_size)
 
 
 def _every_method(root):
@@ -114,10 +114,11 @@ def _exact_iteration(root, method, flags):
     """One iteration (no gradient clipping: the stored gradients are the loss's): the rollout
     batch, every per-token loss in record order (last stage), the logged loss and this stage's
     gradients."""
-    from megatron_tropd import training
+    from megatron_tropd import batches
 
     captured = {"per_token": []}
-    originals = training.rollouts, training.micro_batches_of, training.per_token_loss
+    originals = (batches.rollouts, batches.micro_batches_of,
+                 batches.DistillationBatches.per_token_loss)
 
     def rollouts(*args):
         captured["batch"], metrics = originals[0](*args)
@@ -132,12 +133,13 @@ def _exact_iteration(root, method, flags):
         captured["per_token"].append(per_token.detach().double())
         return per_token, metrics
 
-    training.rollouts, training.micro_batches_of, training.per_token_loss = (
+    batches.rollouts, batches.micro_batches_of, batches.DistillationBatches.per_token_loss = (
         rollouts, micro_batches_of, per_token_loss)
     try:
         run = _train(root, *flags, "--clip-grad", "0", iters=1, method=method)
     finally:
-        training.rollouts, training.micro_batches_of, training.per_token_loss = originals
+        (batches.rollouts, batches.micro_batches_of,
+         batches.DistillationBatches.per_token_loss) = originals
     batch, per_token = captured["batch"], None
     if captured["per_token"]:
         order = torch.cat([mb.index for mb in captured["micro_batches"]])
@@ -156,7 +158,7 @@ def _reference_iteration(root, method, flags, batch):
     forward at TP=1, float64 log-softmax over the full vocabulary, every loss input by plain
     torch; the loss is `losses.compute_loss` (checked against the papers' formulas in
     test_losses.py) averaged over the batch's tokens, its gradient by autograd."""
-    from megatron_tropd import arguments, training
+    from megatron_tropd import arguments, batches
     from megatron_tropd.checkpoint import checkpointer
     from megatron_tropd.checkpoint.sharding import global_state_dict
     from megatron_tropd.distill import losses
@@ -200,7 +202,7 @@ def _reference_iteration(root, method, flags, batch):
         x.reverse_kl = (p * (lp_s - lp_t)).sum(-1).detach()
     if needs.uniform:
         x.uniform = uniform_from_keys(sampling_keys(
-            args.seed + training._TRUST_SEED_OFFSET, batch.record_sample_ids(),
+            args.seed + batches.TRUST_SEED_OFFSET, batch.record_sample_ids(),
             batch.record_positions()))
     if needs.selection:
         if method == "reopold-2stage":  # its exploration stage at step 0: rewards above the floor
@@ -228,7 +230,7 @@ def _micro_batch_runs(root):
     """DP=1: one iteration of the same global batch of 8 rows in micro-batches of 8 and 2 rows,
     and by token budgets of one row (24 = --max-prompt-length + --max-new-tokens) and of the
     whole batch; with the number of micro-batches each made."""
-    from megatron_tropd import training
+    from megatron_tropd import batches
 
     out = {}
     for name, flags in (("8", ("--micro-batch-size", "8")), ("2", ("--micro-batch-size", "2")),
@@ -236,18 +238,18 @@ def _micro_batch_runs(root):
                         ("batch_budget", ("--micro-batch-size", "8",
                                           "--max-tokens-per-micro-batch", "1000"))):
         counts = []
-        original = training.micro_batches_of
+        original = batches.micro_batches_of
 
         def counting(*args):
             micro_batches = original(*args)
             counts.append(len(micro_batches))
             return micro_batches
 
-        training.micro_batches_of = counting
+        batches.micro_batches_of = counting
         try:
             run = _train(root, *flags, iters=1)
         finally:
-            training.micro_batches_of = original
+            batches.micro_batches_of = original
         out[name] = (_losses(run), _grads(run), counts[0])
     return out
 
@@ -296,24 +298,24 @@ def _rollout_pass_rates(root):
     """Two iterations with --verifier (this module's `even_length`) and teacher-prefix rows:
     the logged pass rates, and this rank's (correct, checked) counted here from the rollout
     batches over the rows without a teacher prefix."""
-    from megatron_tropd import training
+    from megatron_tropd import batches
     from megatron_tropd.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(os.path.join(root, "tok.model"))
-    generate, batches = training.generate, []
+    generate, rollouts = batches.generate, []
 
     def recorded(*args, **kwargs):
-        batches.append(generate(*args, **kwargs))
-        return batches[-1]
+        rollouts.append(generate(*args, **kwargs))
+        return rollouts[-1]
 
-    training.generate = recorded
+    batches.generate = recorded
     try:
         run = _train(root, "--verifier", "test_training:even_length", "--prefix-source", "online",
                      iters=2)
     finally:
-        training.generate = generate
+        batches.generate = generate
     counts = []
-    for batch in batches:
+    for batch in rollouts:
         own = [r for r, p in zip(batch.responses(), batch.prefix_lengths) if p == 0]
         counts.append((sum(even_length(tokenizer.decode(r), "") == "correct" for r in own),
                        len(own)))
@@ -341,15 +343,16 @@ def _heldout_reverse_kl(run, root):
 
     prompts = load_prompts(os.path.join(root, "heldout.jsonl"),
                            load_tokenizer(os.path.join(root, "tok.model")), "plain")
-    batch = generate(run.model, [p.prompt_ids for p in prompts],
-                     SamplingParams(max_new_tokens=8, n_samples=4, seed=123, stop_ids=run.stop_ids),
-                     run.vocab_size)
+    source = run.batches
+    batch = generate(source.student, [p.prompt_ids for p in prompts],
+                     SamplingParams(max_new_tokens=8, n_samples=4, seed=123,
+                                    stop_ids=source.stop_ids), source.vocab_size)
     kls = []
     with torch.no_grad():
         for sequence, prompt in zip(batch.sequences, batch.prompt_lengths):
-            student = run.model(sequence[None], None, None)[0, prompt - 1:-1]
-            teacher = run.teacher(sequence[None], None, None)[0, prompt - 1:-1]
-            kls.append(vp.kl_divergence(student, teacher, run.vocab_size))
+            student = source.student(sequence[None], None, None)[0, prompt - 1:-1]
+            teacher = source.teacher(sequence[None], None, None)[0, prompt - 1:-1]
+            kls.append(vp.kl_divergence(student, teacher, source.vocab_size))
     return torch.cat(kls).mean().item()
 
 
@@ -370,8 +373,8 @@ def _online_teacher_responses(root, first, last, offset):
     set_seed(5)  # the same random weights whatever this process ran before
     run = run_setup.setup_run(_args(root, "--prefix-source", "online", "--teacher-load", "",
                                     "--teacher-config", config, iters=1))
-    prompts = [run.prompts[i].prompt_ids for i in range(first, last)]
-    return run.teacher_responses(prompts, offset)
+    prompts = [run.batches.prompts[i].prompt_ids for i in range(first, last)]
+    return run.batches.teacher_responses(prompts, offset)
 
 
 def _trust_draws(root):
@@ -380,7 +383,7 @@ def _trust_draws(root):
     (sample id, position in the response)."""
     import json
 
-    from megatron_tropd import training
+    from megatron_tropd import batches
 
     path = os.path.join(root, "uneven_prompts.jsonl")
     if not os.path.exists(path):
@@ -388,19 +391,19 @@ def _trust_draws(root):
             for q in ("Q:1+2=", "Q:12+34=", "Q:12+345=", "Q:9+9+99+8="):
                 f.write(json.dumps({"prompt": q}) + "\n")
         os.replace(path + f".{os.getpid()}", path)
-    draws, original = {}, training.distill_fields
+    draws, original = {}, batches.distill_fields
 
-    def distill_fields(args, run, batch, step):
-        metrics = original(args, run, batch, step)
+    def distill_fields(source, batch, step):
+        metrics = original(source, batch, step)
         keys = zip(batch.record_sample_ids().tolist(), batch.record_positions().tolist())
         draws.update({k: u for k, u in zip(keys, batch.record.uniform.tolist())})
         return metrics
 
-    training.distill_fields = distill_fields
+    batches.distill_fields = distill_fields
     try:
         _train(root, "--prompts", path, "--micro-batch-size", "2", iters=1)
     finally:
-        training.distill_fields = original
+        batches.distill_fields = original
     return draws
 
 
@@ -440,7 +443,7 @@ def _tp2_worker(root, resume_dir):
     return dict(methods=_every_method(root), layout=_layout_losses(root), exact=_exact_runs(root),
                 resume=dict(full=(_losses(full), _weights(full)),
                             split=(_losses(first) + _losses(second), _weights(second),
-                                   second.iteration)))
+                                   second.state.iteration)))
 
 
 def _pp2_worker(root, resume_dir):
@@ -669,7 +672,7 @@ def test_trainer_checkpoint_exports_to_hf(tp2, resume_dir, tmp_path):
 
 def test_nonfinite_gradient_check():
     """The update's one-pass check finds NaN, +inf and -inf anywhere in a gradient buffer."""
-    from megatron_tropd.training import _all_finite_values
+    from megatron_tropd.train import _all_finite_values
 
     grads = torch.randn(1000)
     assert _all_finite_values(grads) and _all_finite_values(torch.zeros(0))

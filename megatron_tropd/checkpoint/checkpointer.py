@@ -116,36 +116,38 @@ class SaveDirLock:
             self.file = None
 
 
-def save(args, run):
-    """Save the run at `run.iteration` (collective). A failure on any rank (a full disk, a
-    directory that became unwritable) is a one-line `CheckpointError` on every rank, and the
-    previous checkpoint and `latest` are left as they were."""
+def save(args, student, state):
+    """Save the student (weights, optimiser) and the run's state at `state.iteration`
+    (collective). A failure on any rank (a full disk, a directory that became unwritable) is a
+    one-line `CheckpointError` on every rank, and the previous checkpoint and `latest` are left as
+    they were."""
     from megatron.core import dist_checkpointing
 
-    target = _iteration_dir(args.save, run.iteration)
-    state = {"scheduler": run.scheduler.state_dict(), "sampler": run.sampler.state_dict(),
-             "flags": resume_flags.recorded_flags(args)}
+    iteration = state.iteration
+    target = _iteration_dir(args.save, iteration)
+    trainer = {**state.state_dict(), "flags": resume_flags.recorded_flags(args)}
+    trainer.pop("iteration")  # the model directory's metadata holds it
     try:
         with model_dir.atomic_directory(target, overwrite=True) as tmp:
-            model_dir.write_model(tmp, run.model, run.student_arch,
-                                         source_dir=run.student_source, iteration=run.iteration,
-                                         metadata={"trainer": state, "world_size": world_size()})
-            faults.point("save", run.iteration)
+            model_dir.write_model(tmp, student.model, student.arch, source_dir=student.source,
+                                  iteration=iteration,
+                                  metadata={"trainer": trainer, "world_size": world_size()})
+            faults.point("save", iteration)
             optimizer_dir = os.path.join(tmp, OPTIMIZER_DIR)
             if rank() == 0:
                 os.makedirs(optimizer_dir)
                 os.makedirs(os.path.join(tmp, RNG_DIR))
             barrier()
-            dist_checkpointing.save(run.optimizer.sharded_state_dict(
-                run.model.sharded_state_dict(), metadata=_OPTIMIZER_FORMAT), optimizer_dir)
+            dist_checkpointing.save(student.optimizer.sharded_state_dict(
+                student.model.sharded_state_dict(), metadata=_OPTIMIZER_FORMAT), optimizer_dir)
             torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{rank():05d}.pt"))
-        faults.point("commit", run.iteration)
-        model_dir.on_rank_0(lambda: _write_latest(args.save, run.iteration),
+        faults.point("commit", iteration)
+        model_dir.on_rank_0(lambda: _write_latest(args.save, iteration),
                                    os.path.join(args.save, LATEST))
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {_intact(args.save)}") from None
     if rank() == 0:
-        _prune(args.save, args.keep_last, run.iteration)
+        _prune(args.save, args.keep_last, iteration)
     barrier()
     print_rank_0(f"saved checkpoint {target}")
 
@@ -157,8 +159,9 @@ def _intact(root: str) -> str:
     return "no earlier checkpoint to resume from"
 
 
-def resume(args, run):
-    """Continue from the latest checkpoint in `--load` (default `--save`), if there is one."""
+def resume(args, student, state):
+    """Load the student and the run's state from the latest checkpoint in `--load` (default
+    `--save`), if there is one."""
     root = args.load or args.save
     if not root or not os.path.isfile(os.path.join(root, LATEST)):
         if args.load:
@@ -166,28 +169,28 @@ def resume(args, run):
                                   f"resume from")
         return
     directory = latest_checkpoint(root)
-    meta = model_dir.load_model(directory, run.model)
+    meta = model_dir.load_model(directory, student.model)
     if "trainer" not in meta:
         raise CheckpointError(f"{directory} is a model checkpoint without trainer state")
     trainer = meta["trainer"]
+    optimizer = student.optimizer
+    schedule = state.scheduler.state_dict()  # --no-load-optim: the command line's schedule
     if args.no_load_optim:
-        run.optimizer.reload_model_params()
+        optimizer.reload_model_params()
     else:
-        schedule = resume_flags.resumed_scheduler_state(args, run.scheduler.state_dict(),
-                                                        trainer["scheduler"])
-        resume_flags.set_param_group_lrs(run.optimizer, trainer["scheduler"])
-        sharded = run.optimizer.sharded_state_dict(run.model.sharded_state_dict(), is_loading=True,
-                                                   metadata=_OPTIMIZER_FORMAT)
-        run.optimizer.load_state_dict(model_dir.read_dist_checkpoint(
+        schedule = resume_flags.resumed_scheduler_state(args, schedule, trainer["scheduler"])
+        resume_flags.set_param_group_lrs(optimizer, trainer["scheduler"])
+        sharded = optimizer.sharded_state_dict(student.model.sharded_state_dict(),
+                                               is_loading=True, metadata=_OPTIMIZER_FORMAT)
+        optimizer.load_state_dict(model_dir.read_dist_checkpoint(
             sharded, os.path.join(directory, OPTIMIZER_DIR)))
-        resume_flags.set_param_group_lrs(run.optimizer, schedule)
-        run.scheduler.load_state_dict(schedule)
+        resume_flags.set_param_group_lrs(optimizer, schedule)
     try:
-        run.sampler.load_state_dict(trainer["sampler"])
+        state.load_state_dict({"iteration": meta["iteration"], "scheduler": schedule,
+                               "sampler": trainer["sampler"]})
     except DataError as e:  # another --seed, or a prompts file of another size
         raise CheckpointError(f"cannot resume from {directory}: {e}") from None
     resume_flags.announce_changes(args, trainer.get("flags", {}))
-    run.iteration = meta["iteration"]
     rng_file = os.path.join(directory, RNG_DIR, f"rank_{rank():05d}.pt")
     error = None
     if _same_layout(meta) and os.path.isfile(rng_file):
@@ -198,7 +201,7 @@ def resume(args, run):
     failure = first_error(error)  # a rank's own file: the others must stop too
     if failure is not None:
         raise CheckpointError(failure)
-    print_rank_0(f"resumed from {directory} at iteration {run.iteration}")
+    print_rank_0(f"resumed from {directory} at iteration {state.iteration}")
 
 
 def _same_layout(meta) -> bool:

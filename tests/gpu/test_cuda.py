@@ -83,10 +83,10 @@ def test_greedy_pass_at_1_equals_cpu(toy):
 
 
 def _train_losses(root, *extra):
-    from megatron_tropd import arguments, training
+    from megatron_tropd import arguments, train
 
-    run = training.train(arguments.parse_args(toy_setup.train_args(root, *extra, iters=3)))
-    return [h["loss"] for h in run.history], str(next(run.model.parameters()).device)
+    run = train.train(arguments.parse_args(toy_setup.train_args(root, *extra, iters=3)))
+    return [h["loss"] for h in run.history], str(next(run.student.model.parameters()).device)
 
 
 @pytest.fixture(scope="module")
