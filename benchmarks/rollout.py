@@ -84,8 +84,7 @@ def hf_generate(model, prompts, new_tokens: int):
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention[row, width - len(prompt):] = 1
-    # Without our CPU compatibility layer's TorchFunctionMode: HF as its users run it.
-    with torch._C.DisableTorchFunction(), torch.inference_mode():
+    with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens,
                              do_sample=False)
     return out[:, width:]

@@ -13,6 +13,7 @@ from megatron_tropd.batches import DistillationBatches, SftBatches
 from megatron_tropd.models.arch import ModelArch
 from megatron_tropd.models.builder import build_model, check_student_teacher
 from megatron_tropd.runtime import cpu_speedups
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 
 
 @dataclasses.dataclass
@@ -190,6 +191,7 @@ def _eval_examples(args, tokenizer):
     return examples
 
 
+@cuda_to_cpu()
 def _optimizer(args, model):
     """Megatron DDP, Adam(W) (megatron's, falling back to torch's without apex/TE) with gradient
     clipping, and the LR schedule (warm-up, then constant / linear / cosine decay to --min-lr)."""

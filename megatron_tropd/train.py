@@ -33,6 +33,7 @@ from megatron_tropd.checkpoint import checkpointer
 from megatron_tropd.models.forward import scored_logits
 from megatron_tropd.monitor import MetricsLogger
 from megatron_tropd.runtime import faults
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 from megatron_tropd.runtime.initialize import (all_reduce_max, comm_device, initialize_distributed,
                                                print_rank_0)
 from megatron_tropd.runtime.stopping import StopConditions
@@ -135,6 +136,7 @@ class PhaseTimer(dict):
 # --- the student update -------------------------------------------------------------------------
 
 
+@cuda_to_cpu()
 def update(args, run, batch, micro_batches):
     """`epochs_per_rollout` optimiser steps on `batch`; returns this rank's metric sums over the
     micro-batches (the caller reduces them over data-parallel ranks with the batch's metrics, in

@@ -8,6 +8,7 @@ import torch
 
 from megatron_tropd.models.arch import ArchitectureError, ModelArch
 from megatron_tropd.models.builder import check_parallel_layout, check_student_teacher
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 from megatron_tropd.runtime.testing import run_distributed
 
 VOCAB = 500  # padded to 512 at TP=1, 2 and 4, so padded shapes agree across layouts
@@ -52,6 +53,7 @@ def _scored():
     return mask
 
 
+@cuda_to_cpu()  # megatron's DDP and schedule, called here as the trainer calls them
 def _forward_backward(arch_name, state_dict, forward="all", teacher_sd=None):
     """Build at the current layout (loading `state_dict` if given), run one forward/backward
     through megatron's schedule with DDP and `finalize_model_grads`, as training does; return
@@ -202,6 +204,7 @@ def test_paired_teacher_forward(reference, layouts, tp, pp):
         _assert_close(grads[name], expected, name)
 
 
+@cuda_to_cpu()  # megatron's own core attention allocates on the current device
 def _attention_outputs():
     """megatron's DotProductAttention and our FusedCausalAttention on the same GQA inputs, with
     their input gradients, next to a float64 reference (causal, and with a boolean mask), in fp32

@@ -30,6 +30,7 @@ import torch
 from megatron_tropd.checkpoint import CheckpointError, model_dir, resume_flags
 from megatron_tropd.records import DataError
 from megatron_tropd.runtime import faults
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 from megatron_tropd.runtime.initialize import barrier, first_error, print_rank_0, rank, world_size
 
 LATEST = "latest"
@@ -116,6 +117,7 @@ class SaveDirLock:
             self.file = None
 
 
+@cuda_to_cpu()
 def save(args, student, state):
     """Save the student (weights, optimiser) and the run's state at `state.iteration`
     (collective). A failure on any rank (a full disk, a directory that became unwritable) is a
@@ -159,6 +161,7 @@ def _intact(root: str) -> str:
     return "no earlier checkpoint to resume from"
 
 
+@cuda_to_cpu()
 def resume(args, student, state):
     """Load the student and the run's state from the latest checkpoint in `--load` (default
     `--save`), if there is one."""

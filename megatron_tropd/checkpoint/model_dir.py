@@ -26,6 +26,7 @@ from megatron_tropd.checkpoint import CheckpointError
 from megatron_tropd.checkpoint.hf_files import copy_companion_files
 from megatron_tropd.checkpoint.writers import bind_writer_processes
 from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 from megatron_tropd.runtime.initialize import barrier, first_error, rank
 
 FORMAT_VERSION = 1
@@ -116,6 +117,7 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+@cuda_to_cpu()
 def read_dist_checkpoint(sharded_state_dict: dict, directory: str) -> dict:
     """megatron-core's `dist_checkpointing.load`, with a missing or corrupt file reported as a
     one-line `CheckpointError` (collective)."""
@@ -151,6 +153,7 @@ def save_model(directory: str, model, arch: ModelArch, *, source_dir: str = None
                     metadata=metadata)
 
 
+@cuda_to_cpu()
 def write_model(directory: str, model, arch: ModelArch, *, source_dir: str = None,
                 iteration: int = 0, metadata: dict = None):
     """Write the checkpoint files into an existing empty `directory` (collective); `save_model`

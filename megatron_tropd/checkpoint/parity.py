@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tropd.errors import UserError
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 
 # ModelArch fields that do not take part in the comparison: max_position_embeddings only bounds the
 # sequence length (RoPE is computed per position, and Llama-3 scaling uses its own fixed original
@@ -35,6 +36,9 @@ def arch_difference(a, b):
 
 
 @torch.no_grad()
+
+
+@cuda_to_cpu()
 def forward_logits(model, tokens: torch.Tensor, vocab_size: int):
     """Logits [batch, seq, vocab_size] (padded columns dropped) of `tokens` [batch, seq] on the
     last pipeline stage, None on the others: one forward of the whole batch through the stages.

@@ -11,9 +11,11 @@ import torch
 
 from megatron_tropd.models.forward import scored_logits
 from megatron_tropd.ops import vocab_parallel as vp
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 from megatron_tropd.tokens import MicroBatch, TokenBatch
 
 
+@cuda_to_cpu()
 def forward_only(model, micro_batches, values):
     """`values(mb, logits [N_mb, V/tp])` -> {record field: tensor} of every micro-batch, on the
     last pipeline stage (None elsewhere); collective over the model-parallel group."""

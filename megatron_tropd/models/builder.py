@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_tropd.models.arch import ArchitectureError, ModelArch
+from megatron_tropd.runtime import cpu_compat
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
@@ -115,6 +117,7 @@ def layer_spec(arch: ModelArch, use_transformer_engine: bool = False):
     return spec
 
 
+@cuda_to_cpu()
 def build_model(
     arch: ModelArch,
     role: str = "student",
@@ -155,6 +158,7 @@ def build_model(
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    cpu_compat.scope_forward(model.rotary_pos_emb)
     if role == "teacher":
         model.eval()
         model.requires_grad_(False)

@@ -28,6 +28,7 @@ from megatron_tropd.ops.sampling import sample
 from megatron_tropd.rollout.batch import RolloutBatch
 from megatron_tropd.rollout.engine import Engine, Row, Sampled
 from megatron_tropd.rollout.stage import GenerationStage
+from megatron_tropd.runtime.cpu_compat import cuda_to_cpu
 from megatron_tropd.tokens import TokenRecord
 
 
@@ -119,13 +120,13 @@ def generate(
         if use_kv_cache:
             engine = Engine(model, rows, params, vocab_size, rollout_batch_size or len(rows),
                             max_prefill_tokens, record_entropy)
-            with _without_cuda_to_cpu_mode():
-                sampled = engine.run()
+            sampled = engine.run()
         else:
             sampled = _recompute(model, rows, params, vocab_size, record_entropy)
     return _batch(rows, prompt_lengths, sampled)
 
 
+@cuda_to_cpu()
 def _recompute(model, rows: List[Row], params, vocab_size: int, record_entropy: bool) -> Sampled:
     """The reference: every row at once, megatron's full forward of each whole sequence so far at
     every step, the logits at each row's last token."""
@@ -231,19 +232,6 @@ def _check(rows, params, vocab_size, max_sequence_length):
         raise GenerationError(
             f"token ids must lie in [0, {vocab_size}), got ids from {low} to {high}"
         )
-
-
-def _without_cuda_to_cpu_mode():
-    """On a CPU host, generation with the KV cache runs without the CPU compatibility layer's
-    TorchFunctionMode, which sends every torch call through Python (its cost: docs/PERFORMANCE.md,
-    "Rollout"). That path allocates nothing on a CUDA device (the KV cache is built
-    outside it; megatron's core attention, which takes a buffer on the current CUDA device, is not
-    called), so the mode has nothing to do
-    there; a megatron-core change that did allocate would fail loudly ("Torch not compiled with
-    CUDA"), not silently. megatron's full forward (no KV cache) keeps the mode."""
-    from megatron_tropd.runtime import cpu_compat
-
-    return torch._C.DisableTorchFunction() if cpu_compat.is_enabled() else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

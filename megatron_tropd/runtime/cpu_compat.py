@@ -14,10 +14,18 @@ This module bridges all three, and nothing else:
     CUDA type names from `Tensor.type()`.
 
 `enable()` is called by `initialize.initialize_distributed()` and does nothing when CUDA is available,
-so the GPU/NCCL path is untouched. It is idempotent.
+so the GPU/NCCL path is untouched. It is idempotent. The first two bridges are process-wide; the
+third is scoped: `cuda_to_cpu()` (a context manager and decorator) holds the mode around the
+calls into megatron-core that allocate on a CUDA device or check CUDA type names (start-up, model
+and optimiser construction, the schedules and the optimiser step, checkpoint I/O, the rotary
+embedding's forward: `scope_forward`). Everything else, generation's KV-cache path above all, runs without it: a mode sends
+every torch call through Python (its cost: docs/PERFORMANCE.md, "Rollout"). A megatron-core change
+that allocated on a CUDA device outside those calls fails loudly ("Torch not compiled with CUDA"),
+not silently.
 """
 
 import contextlib
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -38,9 +46,39 @@ def enable() -> bool:
         return True
     _patch_torch_cuda()
     _install_rng_tracker()
-    _CudaToCpuMode().__enter__()  # stays pushed for the life of the process (this thread)
     _ENABLED = True
     return True
+
+
+_SCOPE = threading.local()  # how deep this thread is inside `cuda_to_cpu`
+
+
+@contextlib.contextmanager
+def cuda_to_cpu():
+    """CUDA device arguments of torch calls mapped to the CPU inside the block (or the decorated
+    function), when the layer is enabled; nothing otherwise. Nested scopes hold one mode."""
+    depth = getattr(_SCOPE, "depth", 0)
+    if not _ENABLED or depth:
+        _SCOPE.depth = depth + 1
+        try:
+            yield
+        finally:
+            _SCOPE.depth = depth
+        return
+    _SCOPE.depth = 1
+    try:
+        with _CudaToCpuMode():
+            yield
+    finally:
+        _SCOPE.depth = 0
+
+
+def scope_forward(module):
+    """`module`'s forward inside `cuda_to_cpu` from now on, when the layer is enabled: for a
+    megatron module that allocates on the current CUDA device at every call (the rotary embedding
+    moves its frequencies there), so that any forward through it works on a CPU host."""
+    if _ENABLED:
+        module.forward = cuda_to_cpu()(module.forward)
 
 
 # --- 1. torch.cuda helpers -------------------------------------------------------------------

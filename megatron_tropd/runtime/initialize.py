@@ -47,19 +47,20 @@ def initialize_distributed(
             f"{tensor_model_parallel_size} x pipeline-model-parallel size "
             f"{pipeline_model_parallel_size}"
         )
-    if parallel_state.model_parallel_is_initialized():
-        if (
-            parallel_state.get_tensor_model_parallel_world_size() != tensor_model_parallel_size
-            or parallel_state.get_pipeline_model_parallel_world_size()
-            != pipeline_model_parallel_size
-        ):
-            parallel_state.destroy_model_parallel()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-        )
-    set_seed(seed)
+    with cpu_compat.cuda_to_cpu():  # megatron's groups and RNG tracker
+        if parallel_state.model_parallel_is_initialized():
+            if (
+                parallel_state.get_tensor_model_parallel_world_size() != tensor_model_parallel_size
+                or parallel_state.get_pipeline_model_parallel_world_size()
+                != pipeline_model_parallel_size
+            ):
+                parallel_state.destroy_model_parallel()
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tensor_model_parallel_size,
+                pipeline_model_parallel_size=pipeline_model_parallel_size,
+            )
+        set_seed(seed)
 
 
 def _init_process_group(backend: str, timeout: timedelta):
