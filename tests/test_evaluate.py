@@ -42,15 +42,25 @@ def _megatron_outcomes(n):
     return result, responses
 
 
-def test_greedy_pass_at_1_matches_transformers():
+N_PROBLEMS = 24
+
+
+@pytest.fixture(scope="module")
+def megatron_run():
+    """The toy student's evaluation of the first N_PROBLEMS held-out problems, in one spawn
+    shared by the tests that read it: (figures, greedy responses)."""
+    return run_distributed(_megatron_outcomes, world_size=1, args=(N_PROBLEMS,))[0]
+
+
+def test_greedy_pass_at_1_matches_transformers(megatron_run):
     import torch
     import transformers
 
     from megatron_tropd.tasks.verifier import verify
     from megatron_tropd.tokenizer import load_tokenizer, prompt_ids
 
-    n = 24
-    ours, _ = run_distributed(_megatron_outcomes, world_size=1, args=(n,))[0]
+    n = N_PROBLEMS
+    ours, _ = megatron_run
     tokenizer = load_tokenizer(STUDENT)
     model = transformers.AutoModelForCausalLM.from_pretrained(STUDENT).eval()
     outcomes = []
@@ -69,7 +79,7 @@ def test_greedy_pass_at_1_matches_transformers():
     assert 0 < ours["mean_length"] <= 64 and 0.0 <= ours["truncated"] <= 1.0
 
 
-def test_scoring_a_responses_file_matches_the_model_run(tmp_path, monkeypatch):
+def test_scoring_a_responses_file_matches_the_model_run(megatron_run, tmp_path, monkeypatch):
     """The greedy responses of a model run, written as --save-responses writes them, scored by
     `evaluate --responses` without a model: the same counts; and with an index into --data
     instead of answers."""
@@ -77,7 +87,7 @@ def test_scoring_a_responses_file_matches_the_model_run(tmp_path, monkeypatch):
 
     from megatron_tropd import evaluate
 
-    result, responses = run_distributed(_megatron_outcomes, world_size=1, args=(12,))[0]
+    result, responses = megatron_run
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in responses))
 
@@ -98,7 +108,7 @@ def test_scoring_a_responses_file_matches_the_model_run(tmp_path, monkeypatch):
 
     data = tmp_path / "heldout.jsonl"
     data.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n"
-                            for p in heldout_problems(12)))
+                            for p in heldout_problems(N_PROBLEMS)))
     by_index = tmp_path / "by_index.jsonl"
     by_index.write_text("".join(json.dumps({"index": r["index"], "response": r["response"]})
                                 + "\n" for r in responses))
