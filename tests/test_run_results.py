@@ -1,9 +1,9 @@
-"""tools/run_results.py: the grid it runs, the statistics it reports (against hand-computed values),
-that a stopped grid skips its complete runs and restarts a begun one from scratch, that the doc's
-hand-written text survives a rewrite, and end to end on the addition toy models: a second start
-re-runs nothing and `--rerun` reproduces a finished run's numbers exactly."""
+"""tools/run_results.py and tools/results_report.py: the grid it runs, the statistics it reports
+(against hand-computed values), that a stopped grid skips its complete runs and restarts a begun
+one from scratch, that the doc's hand-written text survives a rewrite, and end to end on the
+addition toy models: a second start re-runs nothing and `--rerun` reproduces a finished run's
+numbers exactly."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,10 +12,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("run_results",
-                                               os.path.join(ROOT, "tools", "run_results.py"))
-rr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rr)
+sys.path.insert(0, ROOT)  # tools/ imports as a package from the repo root, as run_results.py does
+
+from tools import run_results as rr  # noqa: E402
+from tools.results_report import (BEGIN, END, collapsed, mean_ci, plateau_iteration,  # noqa: E402
+                                  write_doc)
 
 
 def test_grid_holds_every_part_once():
@@ -38,13 +39,13 @@ def test_grid_holds_every_part_once():
 
 
 def test_statistics_against_hand_computed_values():
-    mean, half = rr.mean_ci([0.1, 0.2, 0.3])
+    mean, half = mean_ci([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2)
     assert half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)  # t(0.975, 2 dof) * s / sqrt(n)
-    assert rr.mean_ci([0.4]) == (0.4, 0.0)
+    assert mean_ci([0.4]) == (0.4, 0.0)
     run = {"evals": [[0, 0.2], [10, 0.05]], "final_pass@1": 0.05}
-    assert rr.collapsed(run) and not rr.collapsed({**run, "final_pass@1": 0.1})
-    assert rr.plateau_iteration([(0, 0.1), (25, 0.5), (50, 0.69), (75, 0.70), (100, 0.6)]) == 50
+    assert collapsed(run) and not collapsed({**run, "final_pass@1": 0.1})
+    assert plateau_iteration([(0, 0.1), (25, 0.5), (50, 0.69), (75, 0.70), (100, 0.6)]) == 50
 
 
 class _Execute:
@@ -84,13 +85,13 @@ def test_complete_runs_are_skipped_and_begun_ones_restarted(tmp_path):
 
 def test_doc_rewrite_keeps_the_hand_written_text(tmp_path):
     doc = tmp_path / "RESULTS.md"
-    doc.write_text(f"# R\n\n## Hypothesis\nH\n\n{rr.BEGIN}\nold table\n{rr.END}\n\n## Reading\nX\n")
-    rr.write_doc(str(doc), [rr.BEGIN, "new table", rr.END])
-    assert doc.read_text() == f"# R\n\n## Hypothesis\nH\n\n{rr.BEGIN}\nnew table\n{rr.END}" \
+    doc.write_text(f"# R\n\n## Hypothesis\nH\n\n{BEGIN}\nold table\n{END}\n\n## Reading\nX\n")
+    write_doc(str(doc), [BEGIN, "new table", END])
+    assert doc.read_text() == f"# R\n\n## Hypothesis\nH\n\n{BEGIN}\nnew table\n{END}" \
                               f"\n\n## Reading\nX\n"
     fresh = tmp_path / "NEW.md"
-    rr.write_doc(str(fresh), [rr.BEGIN, "t", rr.END])
-    assert fresh.read_text() == f"# Results\n\n{rr.BEGIN}\nt\n{rr.END}\n"
+    write_doc(str(fresh), [BEGIN, "t", END])
+    assert fresh.read_text() == f"# Results\n\n{BEGIN}\nt\n{END}\n"
 
 
 def test_bad_grid_arguments_are_one_line_errors():
