@@ -309,9 +309,9 @@ def run(args) -> list:
             raise DataError(f"{args.data}: problem {missing[0]} has no '{args.answer_key}' to "
                             f"verify against")
         # Data-parallel replicas take interleaved slices; the results are gathered over them.
-        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         responses = [] if args.save_responses else None
-        result = evaluate(model, tokenizer, examples[rank::dp], arch.vocab_size,
+        result = evaluate(model, tokenizer, examples[dp_rank::dp], arch.vocab_size,
                           args.max_new_tokens, args.pass_k, args.samples, args.temperature,
                           args.batch_size, args.seed, verifier, responses)
         if responses is not None:

@@ -155,3 +155,29 @@ def test_evaluate_one_line_errors(tmp_path, capsys):
             evaluate.main(argv)
         assert exit_.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def _evaluate_command(argv):
+    from megatron_tropd import evaluate
+
+    evaluate.main(argv)
+
+
+def test_save_responses_writes_the_greedy_responses(megatron_run, tmp_path):
+    """`python -m megatron_tropd.evaluate --save-responses FILE`: the file holds the greedy
+    responses of the same run made through `evaluate.evaluate`, in problem order."""
+    import json
+
+    from megatron_tropd.tasks.splits import heldout_problems
+
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n"
+                            for p in heldout_problems(N_PROBLEMS)))
+    saved, output = tmp_path / "responses.jsonl", tmp_path / "result.json"
+    run_distributed(_evaluate_command, world_size=1, args=([
+        "--load", STUDENT, "--data", str(data), "--prompt-template", "plain",
+        "--max-new-tokens", "64", "--batch-size", "8", "--save-responses", str(saved),
+        "--output", str(output)],))
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert [r["response"] for r in rows] == [r["response"] for r in megatron_run[1]]
+    assert json.loads(output.read_text())[STUDENT]["greedy"] == megatron_run[0]["greedy"]
