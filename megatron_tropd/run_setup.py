@@ -34,7 +34,8 @@ class TrainState:
     scheduler: object                   # megatron's OptimizerParamScheduler
     sampler: object                     # data.PromptSampler: the data position
     iteration: int = 0
-    nonfinite_steps: int = 0            # optimiser steps skipped in a row (non-finite loss/grads)
+    nonfinite_steps: int = 0            # steps skipped in a row (non-finite); not saved: a resume
+                                        # starts the count again
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "scheduler": self.scheduler.state_dict(),
