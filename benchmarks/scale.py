@@ -108,7 +108,7 @@ def _memory_worker(argv):
 
     def setup_run(args):
         run = original_setup(args)
-        run.student.optimizer.step()  # zero gradients: allocates Adam's states, as a first step would
+        run.student.optimizer.step()  # zero gradients: allocates Adam's states as a first step does
         run.student.optimizer.zero_grad()
         _settle()
         measured["resident"] = _status("VmRSS")

@@ -153,7 +153,8 @@ class Profiler:
             return run
 
         def update(args, run, batch, micro_batches):
-            self._add("flops", 3.0 * sum(student_forward_flops(run.student.model, mb.tokens, mb.scored)
+            model = run.student.model
+            self._add("flops", 3.0 * sum(student_forward_flops(model, mb.tokens, mb.scored)
                                          for mb in micro_batches))
             return original_update(args, run, batch, micro_batches)
 
