@@ -228,24 +228,20 @@ def _optimizer(args, model):
 
 
 def _teacher_responses(args, source):
-    """A function from (prompts, global index of the first prompt) to one teacher response per
-    prompt: looked up in the offline JSONL file, or sampled by the teacher now (online), keyed by
-    (seed, global prompt index, response position) like the student's samples. The global index
-    counts every prompt drawn since the start (the sampler's consumed samples), so a prompt drawn
-    again in a later epoch gets another response, and the draws do not depend on the
-    data-parallel size."""
+    """--prefix-source's provider of teacher responses: the offline file's, or the teacher's own
+    samples (seed + 1: not the student's draws). Its global prompt index counts every prompt
+    drawn since the start (the sampler's consumed samples)."""
     from megatron_tropd.rollout import teacher_responses as tr
     from megatron_tropd.rollout.generate import SamplingParams
 
     if args.prefix_source == "offline":
         from megatron_tropd.data import load_teacher_responses
 
-        table = load_teacher_responses(args.teacher_responses, source.vocab_size)
-        return lambda prompts, first_prompt: tr.lookup_teacher_responses(table, prompts)
+        return tr.OfflineTeacherResponses(load_teacher_responses(args.teacher_responses,
+                                                                 source.vocab_size))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, stop_ids=source.stop_ids,
                             seed=args.seed + 1)
-    return lambda prompts, first_prompt: tr.online_teacher_responses(
-        source.teacher, prompts, params, source.vocab_size, sample_offset=first_prompt,
-        rollout_batch_size=args.rollout_batch_size,
-        max_prefill_tokens=args.max_tokens_per_micro_batch)
+    return tr.OnlineTeacherResponses(source.teacher, params, source.vocab_size,
+                                     rollout_batch_size=args.rollout_batch_size,
+                                     max_prefill_tokens=args.max_tokens_per_micro_batch)

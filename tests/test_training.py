@@ -407,6 +407,38 @@ def _trust_draws(root):
     return draws
 
 
+def _offline_guidance(root):
+    """One tropd iteration guided by a --teacher-responses file made here (a response of 4-6 ids
+    per prompt): the rows `generate` was given as (prompt, prefix) pairs, and the file's
+    responses by prompt."""
+    import json
+
+    from megatron_tropd import batches
+    from megatron_tropd.data import load_prompts
+    from megatron_tropd.tokenizer import load_tokenizer
+
+    prompts = load_prompts(os.path.join(root, "prompts.jsonl"),
+                           load_tokenizer(os.path.join(root, "tok.model")), "plain", 16)
+    responses = {tuple(p.prompt_ids): tuple(3 + (i + k) % 20 for k in range(4 + i % 3))
+                 for i, p in enumerate(prompts)}
+    path = os.path.join(root, f"teacher_responses.{os.getpid()}.jsonl")
+    with open(path, "w") as f:
+        for prompt, response in responses.items():
+            f.write(json.dumps({"prompt_ids": list(prompt), "response_ids": list(response)}) + "\n")
+    generate, rows = batches.generate, []
+
+    def recorded(model, row_prompts, *args, prefixes=None, **kwargs):
+        rows.extend((tuple(p), tuple(x)) for p, x in zip(row_prompts, prefixes))
+        return generate(model, row_prompts, *args, prefixes=prefixes, **kwargs)
+
+    batches.generate = recorded
+    try:
+        _train(root, "--prefix-source", "offline", "--teacher-responses", path, iters=1)
+    finally:
+        batches.generate = generate
+    return rows, responses
+
+
 def _bf16_first_ratios(root):
     """The first epoch's mean importance ratio of a bf16 run (on this CPU, validation's GPU
     requirement for --bf16 lifted), with lp_S_old recomputed (the default with --bf16) and as
@@ -430,6 +462,7 @@ def _tp1_worker(root):
                 teacher_responses={offset: _online_teacher_responses(root, 0, 4, offset)
                                    for offset in (0, 4)},
                 trust_draws=_trust_draws(root), bf16_ratios=_bf16_first_ratios(root),
+                offline_guidance=_offline_guidance(root),
                 evaluations=_heldout_evaluations(root))
 
 
@@ -571,6 +604,16 @@ def test_online_teacher_responses_are_keyed_by_global_prompt(tp1, dp2):
     responses = tp1["teacher_responses"]
     assert all(r != s for r, s in zip(responses[0], responses[4]))
     assert dp2[0][2] + dp2[1][2] == responses[0]
+
+
+def test_offline_guidance_continues_the_files_responses(tp1):
+    """--prefix-source offline: each prompt's one teacher-prefix row starts with the file's
+    response to that prompt, whole at step 0 (alpha = 1); the student's own rows have none."""
+    rows, responses = tp1["offline_guidance"]
+    assert len(rows) == 4 * 3  # 4 prompts x (2 samples + 1 prefix row)
+    guided = [(prompt, prefix) for prompt, prefix in rows if prefix]
+    assert len(guided) == 4
+    assert all(prefix == responses[prompt] for prompt, prefix in guided)
 
 
 def test_bf16_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tp1):

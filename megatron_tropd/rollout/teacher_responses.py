@@ -4,8 +4,9 @@
 prompt's token ids: `data.load_teacher_responses`).
 """
 
+import dataclasses
 import json
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_tropd.data import DataError
 from megatron_tropd.rollout.generate import SamplingParams, generate
@@ -42,3 +43,36 @@ def lookup_teacher_responses(responses: Dict[Tuple[int, ...], List[int]],
                             f"teacher-responses file")
         out.append(responses[key])
     return out
+
+
+# The trainer's two providers: (prompts, global index of the first of them) -> one teacher
+# response per prompt (`batches.rollouts` cuts them into prefixes).
+
+
+@dataclasses.dataclass
+class OfflineTeacherResponses:
+    """Responses looked up in `data.load_teacher_responses`'s dict by their prompt's token ids."""
+
+    table: Dict[Tuple[int, ...], List[int]]
+
+    def __call__(self, prompts, first_prompt: int) -> List[List[int]]:
+        return lookup_teacher_responses(self.table, prompts)
+
+
+@dataclasses.dataclass
+class OnlineTeacherResponses:
+    """Responses sampled by the teacher now, keyed by (seed, global prompt index, response
+    position) like the student's samples: a prompt drawn again in a later epoch gets another
+    response, and the draws do not depend on the data-parallel size."""
+
+    teacher: object
+    params: SamplingParams
+    vocab_size: int
+    rollout_batch_size: Optional[int] = None
+    max_prefill_tokens: Optional[int] = None
+
+    def __call__(self, prompts, first_prompt: int) -> List[List[int]]:
+        return online_teacher_responses(self.teacher, prompts, self.params, self.vocab_size,
+                                        sample_offset=first_prompt,
+                                        rollout_batch_size=self.rollout_batch_size,
+                                        max_prefill_tokens=self.max_prefill_tokens)
